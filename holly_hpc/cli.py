@@ -1,0 +1,251 @@
+"""holly-hpc: validate, plan, submit, status, list, logs, reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .experiment import PLAN, Experiment, ExperimentMismatch
+from .registry import STATES, open_registry, resolve_url
+from .spec import SpecError, load_spec
+from .sweep import expand
+
+DEFAULT_OUTPUT_ROOT = "runs"
+
+
+def _table(headers: list[str], rows: list[list], out=sys.stdout) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _overrides_text(overrides: dict) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) or "-"
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_validate(args) -> int:
+    status = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+            print(str(exc), file=sys.stderr)
+            status = 1
+            continue
+        print(f"{path}: OK ({spec.resolved['kind']}, {len(expand(spec))} task(s))")
+    return status
+
+
+def cmd_plan(args) -> int:
+    spec = load_spec(args.spec)
+    tasks = expand(spec)
+    root = Path(args.output_root or spec.resolved["output_root"]).expanduser().resolve() / spec.experiment
+    if args.json:
+        print(json.dumps([{**t.to_json(), "out_dir": str(root / t.rel_dir)} for t in tasks], indent=2))
+        return 0
+    print(f"experiment {spec.experiment}: {len(tasks)} task(s) of kind {spec.resolved['kind']} -> {root}")
+    _table(["index", "task", "hash", "seed", "overrides", "output"],
+           [[t.index, t.task_id, t.config_hash[:8], t.seed, _overrides_text(t.overrides), root / t.rel_dir] for t in tasks])
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .launch.submit import submit, wait
+
+    started = time.time()
+    try:
+        sub = submit(args.spec, cluster=args.cluster, output_root=args.output_root)
+    except ExperimentMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    exp = sub.experiment
+    cluster = exp.launch["cluster"]
+    print(f"experiment {exp.name}: {len(exp.plan['tasks'])} task(s), {len(sub.launched)} launched ({cluster}), "
+          f"{len(sub.skipped)} already succeeded")
+    if sub.launched:
+        print("jobs: " + ", ".join(f"task {t.task_index} -> {t.job_id}" for t in sub.launched))
+    ok = True
+    if args.wait and cluster != "debug" and sub.launched:
+        ok = wait(sub)
+    if args.wait or cluster == "debug":
+        runs = sub.registry.runs(exp.name)
+        ok = ok and all(r.state == "succeeded" for r in runs)
+        _status_table(runs)
+        print(f"finished in {_duration(time.time() - started)}")
+    print(f"outputs:     {exp.root}")
+    print(f"registry:    {exp.registry_url}")
+    print(f"status:      holly-hpc status {exp.root}")
+    print(f"tensorboard: tensorboard --logdir {exp.root / 'tasks'}")
+    return 0 if ok else 1
+
+
+def _registry_for(args, target: str | None):
+    """Registry URL and experiment name from TARGET: an experiment folder, a spec file, or a name."""
+    if target:
+        path = Path(target)
+        if (path / PLAN).exists():
+            exp = Experiment.load(path)
+            return open_registry(exp.registry_url), exp.name
+        if path.is_file() and path.suffix in (".yaml", ".yml"):
+            spec = load_spec(path)
+            root = Path(args.output_root or spec.resolved["output_root"]).resolve()
+            return open_registry(resolve_url(spec.resolved["registry"].get("url"), root)), spec.experiment
+    root = Path(args.output_root or DEFAULT_OUTPUT_ROOT).resolve()
+    return open_registry(args.registry or resolve_url(None, root)), target
+
+
+def _check_registry(registry) -> None:
+    if registry.url.startswith("sqlite:///") and not Path(registry.url[len("sqlite:///"):]).exists():
+        raise FileNotFoundError(f"no registry at {registry.url}: nothing submitted there yet "
+                                f"(pass --output-root or --registry, or an experiment folder)")
+
+
+def _status_table(runs) -> None:
+    now = time.time()
+    _table(["experiment", "task", "state", "attempts", "step", "loss", "elapsed"],
+           [[r.experiment, r.task_id, r.state, r.attempts, "-" if r.last_step is None else r.last_step,
+             "-" if r.last_loss is None else f"{r.last_loss:.4g}", _duration(r.elapsed(now))] for r in runs])
+
+
+def cmd_status(args) -> int:
+    registry, name = _registry_for(args, args.experiment)
+    _check_registry(registry)
+    runs = registry.runs(name)
+    if name and not runs:
+        print(f"no runs of experiment '{name}' in {registry.url}", file=sys.stderr)
+        return 1
+    _status_table(runs)
+    return 0
+
+
+def cmd_list(args) -> int:
+    registry, _ = _registry_for(args, None)
+    _check_registry(registry)
+    exps = registry.experiments()
+    if args.state:
+        exps = [e for e in exps if e.counts.get(args.state)]
+    _table(["experiment", "created", "tasks"] + list(STATES) + ["folder"],
+           [[e.name, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), sum(e.counts.values()),
+             *(e.counts.get(s, 0) for s in STATES), e.experiment_dir] for e in exps])
+    return 0
+
+
+def cmd_logs(args) -> int:
+    path = Path(args.experiment)
+    if not (path / PLAN).exists():
+        registry, _ = _registry_for(args, args.experiment)
+        _check_registry(registry)
+        match = [e for e in registry.experiments() if e.name == args.experiment]
+        if not match:
+            print(f"no experiment '{args.experiment}' in {registry.url}", file=sys.stderr)
+            return 1
+        path = Path(match[0].experiment_dir)
+    exp = Experiment.load(path)
+    logs = sorted(exp.submitit_dir.glob("*_log.out" if not args.stderr else "*_log.err"), key=os.path.getmtime)
+    mine = [p for p in logs if _log_belongs_to(p, exp, args.task)]
+    if not mine:
+        print(f"no logs for task {args.task} under {exp.submitit_dir}", file=sys.stderr)
+        return 1
+    for p in mine:
+        print(f"==> {p} <==")
+        print(p.read_text(encoding="utf-8", errors="replace"), end="")
+    return 0
+
+
+def _log_belongs_to(log: Path, exp: Experiment, task_index: int) -> bool:
+    """submitit names logs by job id; the job's submitted pickle names the TaskRunner's task index."""
+    job_id = log.name.rsplit("_", 2)[0]
+    pickle = exp.submitit_dir / f"{job_id}_submitted.pkl"
+    if not pickle.exists():
+        return False
+    import submitit
+
+    delayed = submitit.helpers.DelayedSubmission.load(pickle)
+    return getattr(delayed.function, "task_index", None) == task_index
+
+
+def cmd_reference(args) -> int:
+    from .specdoc import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check specs against the schema and semantic rules")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="show the tasks a spec expands to, without running anything")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--output-root", help="override the spec's output_root")
+    p.add_argument("--json", action="store_true", help="print the tasks as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("submit", help="freeze the spec and launch its tasks as one job array")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--cluster", choices=["local", "debug"], help="override launch.cluster")
+    p.add_argument("--output-root", help="override the spec's output_root")
+    p.add_argument("--wait", action="store_true", help="block until the tasks end, printing progress")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="one line per task: state, attempts, step, loss, elapsed")
+    p.add_argument("experiment", nargs="?", metavar="EXPERIMENT",
+                   help="experiment name, experiment folder or spec file (default: every experiment)")
+    p.add_argument("--output-root", help=f"where to find the default registry (default: ./{DEFAULT_OUTPUT_ROOT})")
+    p.add_argument("--registry", help="registry URL (default: $HOLLY_REGISTRY_URL, then <output-root>/registry.sqlite)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", help="one line per experiment with its task counts by state")
+    p.add_argument("--state", choices=STATES, help="only experiments with tasks in this state")
+    p.add_argument("--output-root", help=f"where to find the default registry (default: ./{DEFAULT_OUTPUT_ROOT})")
+    p.add_argument("--registry", help="registry URL")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("logs", help="print a task's stdout (or stderr) files")
+    p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
+    p.add_argument("--task", type=int, required=True, help="task index")
+    p.add_argument("--stderr", action="store_true", help="print stderr instead of stdout")
+    p.add_argument("--output-root")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("reference", help="print the spec reference (markdown) generated from the schema")
+    p.set_defaults(func=cmd_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"{len(exc.problems)} problem(s) in the spec:", file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

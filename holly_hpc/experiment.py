@@ -1,0 +1,125 @@
+"""The experiment folder: the frozen spec and plan that every job re-reads.
+
+<output_root>/<experiment>/
+    spec.yaml     the spec exactly as submitted
+    plan.json     the expanded tasks (configs, seeds, hashes), registry URL and launch settings
+    submitit/     submitit's pickles and per-job stdout/stderr
+    tasks/<NNNN-hash>/   one folder per task (see runtime/outputs.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sweep import Task
+
+PLAN = "plan.json"
+FROZEN_SPEC = "spec.yaml"
+
+
+class ExperimentMismatch(Exception):
+    """The spec expands to different tasks than the ones already frozen under that experiment name."""
+
+
+@dataclass
+class Experiment:
+    root: Path
+    plan: dict
+
+    @property
+    def name(self) -> str:
+        return self.plan["experiment"]
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [Task.from_json(t) for t in self.plan["tasks"]]
+
+    def task(self, index: int) -> Task:
+        return Task.from_json(self.plan["tasks"][index])
+
+    def task_dir(self, index: int) -> Path:
+        return self.root / self.plan["tasks"][index]["rel_dir"]
+
+    @property
+    def registry_url(self) -> str:
+        return self.plan["registry_url"]
+
+    @property
+    def launch(self) -> dict:
+        return self.plan["launch"]
+
+    @property
+    def spec_dir(self) -> Path:
+        return Path(self.plan["spec_dir"])
+
+    @property
+    def submitit_dir(self) -> Path:
+        return self.root / "submitit"
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Experiment":
+        root = Path(root).resolve()
+        path = root / PLAN
+        try:
+            plan = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no plan here; is {root} an experiment folder made by 'holly-hpc submit'?") from None
+        return cls(root, plan)
+
+
+def spec_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) -> dict:
+    return {
+        "experiment": spec.experiment,
+        "spec_file": str(spec.file.resolve()),
+        "spec_dir": str(spec.base_dir),
+        "spec_hash": spec_hash(spec.text),
+        "output_root": str(output_root.resolve()),
+        "registry_url": registry_url,
+        "launch": spec.resolved["launch"],
+        "tasks": [t.to_json() for t in tasks],
+    }
+
+
+def freeze(spec, tasks: list[Task], output_root: Path, registry_url: str) -> Experiment:
+    """Write spec.yaml and plan.json under <output_root>/<experiment>/ (atomically).
+
+    An experiment already frozen there must expand to the same tasks (same indices and config hashes):
+    otherwise its finished tasks would be silently mixed with different ones.
+    """
+    root = (output_root / spec.experiment).resolve()
+    plan = build_plan(spec, tasks, output_root, registry_url)
+    existing = root / PLAN
+    if existing.exists():
+        old = json.loads(existing.read_text(encoding="utf-8"))
+        old_ids = [t["task_id"] for t in old["tasks"]]
+        new_ids = [t["task_id"] for t in plan["tasks"]]
+        if old_ids != new_ids:
+            changed = [i for i in range(max(len(old_ids), len(new_ids)))
+                       if i >= len(old_ids) or i >= len(new_ids) or old_ids[i] != new_ids[i]]
+            raise ExperimentMismatch(
+                f"{root} already holds experiment '{spec.experiment}' with different tasks "
+                f"({len(old_ids)} frozen, {len(new_ids)} now; task(s) {', '.join(map(str, changed[:10]))} differ). "
+                f"Give the changed spec a new 'experiment' name, or move the old folder away."
+            )
+        plan["created"] = old.get("created", time.time())
+    else:
+        plan["created"] = time.time()
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(root / FROZEN_SPEC, spec.text)
+    _write_atomic(root / PLAN, json.dumps(plan, indent=2, sort_keys=True) + "\n")
+    return Experiment(root, plan)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""Launching: submitit executors behind one Launcher interface, and the submit/wait orchestration."""

@@ -1,0 +1,1 @@
+"""HOLLy-class reconstruction: rotations, the Gaussian renderer, the pose CNN, simulation and metrics."""

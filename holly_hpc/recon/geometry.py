@@ -1,0 +1,87 @@
+"""Rotations: the continuous 6D parameterisation, uniform sampling on SO(3), angular errors.
+
+All functions are batched over a leading dimension and work on any device and float dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Orthographic projection along z cannot tell a structure from its mirror in depth (z -> -z).
+DEPTH_MIRROR = torch.diag(torch.tensor([1.0, 1.0, -1.0]))
+
+
+def rotation_from_6d(x: torch.Tensor) -> torch.Tensor:
+    """Map (B, 6) to rotation matrices (B, 3, 3) by Gram-Schmidt (Zhou et al. 2019).
+
+    The two 3-vectors become the first two columns; the third is their cross product. The map is
+    continuous, unlike Euler angles or axis-angle, which is what lets a network regress it.
+    """
+    a1, a2 = x[..., 0:3], x[..., 3:6]
+    b1 = torch.nn.functional.normalize(a1, dim=-1, eps=1e-8)
+    a2_orth = a2 - (b1 * a2).sum(-1, keepdim=True) * b1
+    b2 = torch.nn.functional.normalize(a2_orth, dim=-1, eps=1e-8)
+    b3 = torch.cross(b1, b2, dim=-1)
+    return torch.stack((b1, b2, b3), dim=-1)
+
+
+def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions (B, 4) as (w, x, y, z) to rotation matrices (B, 3, 3)."""
+    q = torch.nn.functional.normalize(q, dim=-1)
+    w, x, y, z = q.unbind(-1)
+    return torch.stack(
+        (
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ),
+        dim=-1,
+    ).reshape(q.shape[:-1] + (3, 3))
+
+
+def random_rotations(n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
+    """n rotations uniform on SO(3) (Haar measure): normalised 4D Gaussians are uniform quaternions."""
+    q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+    return quaternion_to_matrix(q).to(dtype)
+
+
+def geodesic_angle_deg(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """Angle (degrees) of the relative rotation r1^T r2, per batch element."""
+    rel = r1.transpose(-1, -2) @ r2
+    cos = (rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def axial_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotation error for a structure with a continuous symmetry about `axis` (default z).
+
+    Such a structure (a torus, a ring) looks the same after any spin about its axis, after flipping the
+    axis (it is mirror symmetric through its equator) and, in an orthographic image, after mirroring the
+    depth. So only the axis line matters, up to the depth mirror: the error is the smallest angle between
+    the predicted axis line and the true axis line or its depth mirror.
+    """
+    if axis is None:
+        axis = torch.tensor([0.0, 0.0, 1.0], dtype=r_pred.dtype, device=r_pred.device)
+    a_pred = r_pred @ axis
+    a_true = r_true @ axis
+    mirror = DEPTH_MIRROR.to(device=a_true.device, dtype=a_true.dtype)
+    cos = torch.maximum((a_pred * a_true).sum(-1).abs(), (a_pred * (a_true @ mirror)).sum(-1).abs())
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, symmetry: str) -> torch.Tensor:
+    """Rotation error in degrees modulo the symmetries that leave the image unchanged.
+
+    symmetry: "axial" for structures symmetric about their z axis (see axial_error_deg), "none" for an
+    asymmetric structure, whose image fixes the rotation completely.
+    """
+    if symmetry == "axial":
+        return axial_error_deg(r_pred, r_true)
+    if symmetry == "none":
+        return geodesic_angle_deg(r_pred, r_true)
+    raise ValueError(f"unknown symmetry {symmetry!r}: expected 'axial' or 'none'")
+
+
+def rotate_points(points: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate a point cloud (N, 3) or a batch of them (B, N, 3) by rotations (B, 3, 3) -> (B, N, 3)."""
+    return points @ rotations.transpose(-1, -2)

@@ -1,0 +1,130 @@
+"""Task kind `pose`: learn to predict each image's orientation of a known structure.
+
+Images of the structure at random rotations are rendered on the fly; the CNN predicts a rotation per
+image; the structure is rendered at the predicted rotation by the same differentiable renderer and the
+image loss trains the CNN. No ground-truth rotation enters the loss: it is only used to measure the
+rotation error on a held-out set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
+from ..runtime.kinds import TaskKind, make_lr_scheduler
+from ..runtime.outputs import image_rows, save_png, to_unit_range
+from .geometry import rotation_error_deg
+from .metrics import rotation_error_summary
+from .posenet import PoseNet
+from .render import render_images
+from .simulate import BUILTIN_SYMMETRY, batch_generator, load_structure, simulate_batch
+
+EVAL_STREAM = 2**31  # batch-generator position of the held-out set: never reached by training steps
+N_SHOWN = 8  # images per row in the input-vs-render grids
+
+
+def image_loss(rendered: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    # Images are normalised to mean 1 per pixel so the loss scale does not depend on size or point count.
+    scale = target.flatten(1).mean(dim=1).clamp_min(1e-12)[:, None, None]
+    diff = (rendered - target) / scale
+    return diff.pow(2).mean() if kind == "l2" else diff.abs().mean()
+
+
+class PoseTask(TaskKind):
+    @classmethod
+    def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+        structure = config["data"]["structure"]
+        if structure in BUILTIN_SYMMETRY:
+            return []
+        path = Path(structure) if Path(structure).is_absolute() else base_dir / structure
+        if not path.exists():
+            return [(("data", "structure"), f"expected a built-in shape ({', '.join(BUILTIN_SYMMETRY)}) or an existing OBJ file, but {path} does not exist")]
+        try:
+            read_obj_vertices(path)
+        except MeshFormatError as exc:
+            return [(("data", "structure"), str(exc))]
+        return []
+
+    def __init__(self, config: dict, device: torch.device, base_dir: Path):
+        self.config, self.device = config, device
+        data, model, train = config["data"], config["model"], config["train"]
+        self.structure = load_structure(data["structure"], data["num_points"], data["radius"], base_dir)
+        self.points = self.structure.points.to(device)
+        self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"]).to(device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+        self.scheduler = make_lr_scheduler(self.optimizer, train)
+        self.eval_set = self._batch(EVAL_STREAM, data["eval_size"])
+
+    def _batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
+        data = self.config["data"]
+        generator = batch_generator(self.config["seed"], position)
+        return simulate_batch(self.structure, size, data["image_size"], data["sigma"], data["max_translation"],
+                              generator, self.device)
+
+    def _render(self, rotations, translations) -> torch.Tensor:
+        data = self.config["data"]
+        return render_images(self.points, rotations, data["sigma"], data["image_size"], translations)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        batch = self._batch(step, self.config["train"]["batch_size"])
+        self.net.train()
+        rotations, translations = self.net(batch["images"])
+        loss = image_loss(self._render(rotations, translations), batch["images"], self.config["train"]["loss"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {"loss": loss.item(), "lr": lr}
+
+    @torch.no_grad()
+    def _predict_eval(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        was_training = self.net.training
+        self.net.eval()
+        rotations, translations = self.net(self.eval_set["images"])
+        self.net.train(was_training)
+        return rotations, translations
+
+    def evaluate(self) -> dict[str, float]:
+        rotations, translations = self._predict_eval()
+        errors = rotation_error_deg(rotations, self.eval_set["rotations"], self.structure.symmetry)
+        with torch.no_grad():
+            rendered = self._render(rotations, translations)
+        metrics = rotation_error_summary(errors)
+        metrics["eval_loss"] = image_loss(rendered, self.eval_set["images"], self.config["train"]["loss"]).item()
+        return metrics
+
+    def image_grids(self) -> dict[str, torch.Tensor]:
+        rotations, translations = self._predict_eval()
+        with torch.no_grad():
+            rendered = self._render(rotations[:N_SHOWN], None if translations is None else translations[:N_SHOWN])
+        inputs = self.eval_set["images"][:N_SHOWN]
+        return {"eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered)])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
+        rotations, translations = self._predict_eval()
+        errors = rotation_error_deg(rotations, self.eval_set["rotations"], self.structure.symmetry)
+        store.write_array("eval/rotations_true", self.eval_set["rotations"].cpu().numpy())
+        store.write_array("eval/rotations_pred", rotations.cpu().numpy())
+        store.write_array("eval/rotation_error_deg", errors.cpu().numpy())
+        if translations is not None:
+            store.write_array("eval/translations_true", self.eval_set["translations"].cpu().numpy())
+            store.write_array("eval/translations_pred", translations.cpu().numpy())
+        points = self.structure.points.numpy()
+        store.write_array("structure/points", points)
+        write_ply(final_dir / "structure.ply", points)
+        write_obj(final_dir / "structure.obj", points)
+        save_png(final_dir / "renders.png", self.image_grids()["eval/inputs_vs_renders"])
+        return self.evaluate()

@@ -1,0 +1,82 @@
+"""The differentiable Gaussian renderer: all of its maths lives in this file.
+
+A point cloud is rotated, translated in the image plane, projected orthographically along z and drawn as
+a sum of 2D Gaussians of standard deviation sigma (pixels), each normalised to unit mass in the
+continuous plane (so a blob half outside the image loses half its mass, as a real camera would).
+
+Coordinates: the image covers [-1, 1] x [-1, 1] of the structure's frame; x grows to the right along
+columns, y grows upwards, so row 0 is the top of the image (y = +1).
+
+Two implementations that must agree (tests/test_render.py):
+- render_images: the fast path. A 2D Gaussian is separable, exp(-(dx²+dy²)/2s²) = exp(-dx²/2s²)·exp(-dy²/2s²),
+  so the image is Gy^T @ Gx with Gy (B, N, H) and Gx (B, N, W): one batched matrix product, memory
+  O(B·N·(H+W)) and no (B, N, H, W) tensor.
+- render_images_reference: the plain definition, one dense (B, N, H, W) tensor of 2D Gaussians summed
+  over points. Kept as the oracle; use it only on small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .geometry import rotate_points
+
+
+def pixel_centres(size: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres of the pixel columns (x, increasing) and rows (y, decreasing from the top) in [-1, 1]."""
+    c = (2 * torch.arange(size, device=device, dtype=dtype) + 1) / size - 1
+    return c, -c
+
+
+def project(points: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor | None) -> torch.Tensor:
+    """Rotate points (N, 3) or (B, N, 3) by (B, 3, 3), shift by (B, 2) and drop z -> (B, N, 2)."""
+    xy = rotate_points(points, rotations)[..., :2]
+    if translations is not None:
+        xy = xy + translations[:, None, :]
+    return xy
+
+
+def _sigma_world(sigma_px: torch.Tensor | float, batch: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Sigma in pixels (scalar or (B,)) -> sigma in image-frame units, shaped (B, 1, 1)."""
+    s = torch.as_tensor(sigma_px, dtype=like.dtype, device=like.device)
+    return (s * (2.0 / size)).expand(batch).reshape(batch, 1, 1)
+
+
+def render_images(
+    points: torch.Tensor,
+    rotations: torch.Tensor,
+    sigma_px: torch.Tensor | float,
+    size: int,
+    translations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Render (B, size, size) images of `points` seen at `rotations` (fast separable path)."""
+    xy = project(points, rotations, translations)
+    batch = xy.shape[0]
+    s = _sigma_world(sigma_px, batch, size, xy)
+    cx, cy = pixel_centres(size, device=xy.device, dtype=xy.dtype)
+    # Each 1D factor carries 1/(sqrt(2 pi) sigma_px) so the 2D blob integrates to one pixel-unit mass.
+    norm = 1.0 / (math.sqrt(2 * math.pi) * s * (size / 2.0))
+    gx = torch.exp(-0.5 * ((xy[..., 0:1] - cx) / s) ** 2) * norm  # (B, N, W)
+    gy = torch.exp(-0.5 * ((xy[..., 1:2] - cy) / s) ** 2) * norm  # (B, N, H)
+    return gy.transpose(1, 2) @ gx
+
+
+def render_images_reference(
+    points: torch.Tensor,
+    rotations: torch.Tensor,
+    sigma_px: torch.Tensor | float,
+    size: int,
+    translations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The definition, written out: sum over points of a dense 2D Gaussian per pixel."""
+    xy = project(points, rotations, translations)
+    batch = xy.shape[0]
+    s = _sigma_world(sigma_px, batch, size, xy)[..., None]  # (B, 1, 1, 1)
+    cx, cy = pixel_centres(size, device=xy.device, dtype=xy.dtype)
+    dx = xy[..., 0][:, :, None, None] - cx[None, None, None, :]  # (B, N, 1, W)
+    dy = xy[..., 1][:, :, None, None] - cy[None, None, :, None]  # (B, N, H, 1)
+    sigma_pixels = s * (size / 2.0)
+    blobs = torch.exp(-(dx**2 + dy**2) / (2 * s**2)) / (2 * math.pi * sigma_pixels**2)
+    return blobs.sum(dim=1)

@@ -1,0 +1,76 @@
+"""Task kinds are plugins behind one small interface; the Trainer loop is shared by all of them.
+
+Adding a kind = a new module with a TaskKind subclass + one line in KINDS + its section in the schema.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# kind name -> "module:Class", imported only when a task of that kind runs.
+KINDS = {
+    "pose": "holly_hpc.recon.pose:PoseTask",
+}
+
+
+class TaskKind(ABC):
+    """What the shared Trainer needs from a kind. Built from the task config on the training device."""
+
+    @classmethod
+    def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+        """Semantic checks beyond the schema: [(key path, message)]. base_dir: the spec's folder."""
+        return []
+
+    @abstractmethod
+    def __init__(self, config: dict, device: torch.device, base_dir: Path): ...
+
+    @abstractmethod
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimiser step on the data of position `step`; returns scalars, 'loss' among them."""
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, without touching any training state or RNG."""
+
+    def image_grids(self) -> dict[str, torch.Tensor]:
+        """Named (3, H, W) images in [0, 1] for TensorBoard, e.g. inputs above renders."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Models and optimisers (RNG states and the step are the Trainer's business)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def write_outputs(self, final_dir: Path, zarr_group) -> dict[str, float]:
+        """Write final/ files and the kind's arrays; return the final metrics."""
+        return self.evaluate()
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> torch.optim.lr_scheduler.LRScheduler:
+    """The train section's learning-rate schedule, shared by every kind (stepped once per train step)."""
+    if train["lr_schedule"] == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    steps, floor = train["steps"], train["lr_final_fraction"]
+
+    def cosine(step: int) -> float:
+        progress = min(step / max(steps - 1, 1), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def get_kind(name: str) -> type[TaskKind]:
+    try:
+        target = KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown task kind {name!r}; known kinds: {', '.join(sorted(KINDS))}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,158 @@
+"""A task's folder and the sinks that fill it: TensorBoard events, the zarr v3 store, PNG images.
+
+<task dir>/checkpoints/  step_XXXXXXXX.pt (atomic, newest K kept)
+           tb/           TensorBoard event files of this task's run (scalars, images, hparams)
+           outputs.zarr/ metrics/<key>[log index] and metrics/step, plus the kind's arrays
+           final/        metrics.json and the kind's files (renders.png, structure.ply, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class TaskPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def zarr(self) -> Path:
+        return self.root / "outputs.zarr"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    def make(self) -> "TaskPaths":
+        for d in (self.checkpoints, self.tb, self.final):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+class MetricsStore:
+    """Per-log-interval metrics in outputs.zarr: metrics/<key> has one slot per log interval.
+
+    Slots are preallocated (NaN) and written by index, so a resumed run that logs step s again writes the
+    same slot instead of appending a duplicate.
+    """
+
+    def __init__(self, path: Path, n_logs: int):
+        import zarr
+
+        self.group = zarr.open_group(str(path), mode="a", zarr_format=3)
+        self.n_logs = n_logs
+
+    def _array(self, key: str):
+        return self.group.require_array(f"metrics/{key}", shape=(self.n_logs,), dtype="f8",
+                                        fill_value=math.nan, chunks=(self.n_logs,))
+
+    def write(self, log_index: int, step: int, metrics: dict[str, float]) -> None:
+        self._array("step")[log_index] = step
+        for key, value in metrics.items():
+            self._array(key)[log_index] = float(value)
+
+    def write_array(self, name: str, values: np.ndarray) -> None:
+        """A whole array of the task's results, replacing any earlier version."""
+        values = np.asarray(values)
+        self.group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                chunks=values.shape or None, overwrite=True)[...] = values
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Scale each image (B, H, W) to [0, 1] by its own maximum, for display."""
+    images = images.detach().float().cpu()
+    peak = images.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return (images / peak[:, None, None]).clamp(0, 1)
+
+
+def image_rows(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """Stack rows of images (each (B, H, W) in [0, 1]) into one (3, H', W') grid with white gutters."""
+    n_rows, (b, h, w) = len(rows), rows[0].shape
+    grid = torch.ones(n_rows * (h + pad) + pad, b * (w + pad) + pad)
+    for r, row in enumerate(rows):
+        for c in range(b):
+            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            grid[top:top + h, left:left + w] = row[c]
+    return grid.expand(3, -1, -1).clone()
+
+
+def save_png(path: Path, image: torch.Tensor, scale: int = 4) -> None:
+    """Save a (3, H, W) image in [0, 1] as PNG, upscaled by `scale` (nearest) so small renders are visible."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    picture.save(tmp)
+    tmp.replace(path)
+
+
+class TensorBoardSink:
+    """Scalars, images and hparams into the task's own tb/ run."""
+
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def image(self, tag: str, step: int, image: torch.Tensor) -> None:
+        self.writer.add_image(tag, image, step, dataformats="CHW")
+
+    def hparams(self, hparams: dict, final_metrics: dict[str, float], step: int) -> None:
+        """Write hparams into this run itself: SummaryWriter.add_hparams would open a stray subfolder."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        tagged = {f"hparams/{k}": float(v) for k, v in final_metrics.items()}
+        exp, ssi, sei = hparams_summary(hparams, tagged)
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(step, tagged)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def flat_hparams(config: dict) -> dict:
+    """Flatten a task config into TensorBoard-friendly hparams (dotted keys; lists as text)."""
+    out: dict = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif isinstance(value, (bool, int, float, str)):
+                out[name] = value
+            else:
+                out[name] = json.dumps(value)
+
+    walk(config, "")
+    return out

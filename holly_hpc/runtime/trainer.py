@@ -1,0 +1,118 @@
+"""The one training loop every task kind shares: resume, steps, logging, checkpoints, final outputs."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .kinds import TaskKind
+from .outputs import MetricsStore, TaskPaths, TensorBoardSink, flat_hparams, write_json_atomic
+
+
+class RegistryReporter:
+    """Registry writes for one run. A failing database never stops training: the error is reported once
+    on stderr and training goes on (the task's zarr store and TensorBoard still hold every metric)."""
+
+    def __init__(self, registry, experiment: str, task_index: int):
+        self.registry, self.experiment, self.task_index = registry, experiment, task_index
+        self._warned = False
+
+    def _safely(self, fn: Callable, *args) -> None:
+        if self.registry is None:
+            return
+        try:
+            fn(self.experiment, self.task_index, *args)
+        except Exception as exc:  # noqa: BLE001 - any DB failure must not end the run
+            if not self._warned:
+                warnings.warn(f"run registry unavailable, training continues: {exc}", RuntimeWarning, stacklevel=2)
+                self._warned = True
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.time()
+        self._safely(self.registry.log_metrics, [(step, k, float(v), now) for k, v in metrics.items()])
+        self._safely(self.registry.heartbeat, step, metrics.get("loss"))
+
+
+@dataclass
+class TrainResult:
+    completed: bool  # False when stopped early by stop_after_step
+    step: int
+    final_metrics: dict[str, float] | None
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Trainer:
+    def __init__(self, kind: TaskKind, config: dict, paths: TaskPaths, reporter: RegistryReporter | None = None,
+                 label: str = "task", out: TextIO | None = None):
+        self.kind, self.config, self.paths = kind, config, paths.make()
+        self.reporter = reporter or RegistryReporter(None, "", 0)
+        self.label, self.out = label, out or sys.stdout
+        train = config["train"]
+        self.steps, self.log_every = train["steps"], train["log_every"]
+        self.checkpoint_every, self.keep = train["checkpoint_every"], train["keep_checkpoints"]
+        self.step = 0  # steps completed
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        payload = {"step": self.step, "kind": self.kind.state_dict(), "rng": rng_state(),
+                   "config_seed": self.config["seed"]}
+        return save_checkpoint(self.paths.checkpoints, self.step, payload, self.keep)
+
+    def resume(self) -> bool:
+        path = latest_checkpoint(self.paths.checkpoints)
+        if path is None:
+            return False
+        payload = load_checkpoint(path)
+        self.kind.load_state_dict(payload["kind"])
+        set_rng_state(payload["rng"])
+        self.step = payload["step"]
+        self._print(f"resumed from {path.name} (step {self.step})")
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def _print(self, message: str) -> None:
+        print(f"[{self.label}] {message}", file=self.out, flush=True)
+
+    def run(self, stop_after_step: int | None = None) -> TrainResult:
+        """Train to train.steps (or stop, with a checkpoint, after `stop_after_step`, to simulate preemption)."""
+        self.resume()
+        n_logs = self.steps // self.log_every
+        store = MetricsStore(self.paths.zarr, n_logs)
+        tb = TensorBoardSink(self.paths.tb)
+        try:
+            t0, first = time.time(), self.step
+            while self.step < self.steps:
+                metrics = self.kind.train_step(self.step)
+                self.step += 1
+                if self.step % self.log_every == 0:
+                    metrics.update(self.kind.evaluate())
+                    tb.scalars(self.step, metrics)
+                    for tag, image in self.kind.image_grids().items():
+                        tb.image(tag, self.step, image)
+                    store.write(self.step // self.log_every - 1, self.step, metrics)
+                    self.reporter.log(self.step, metrics)
+                    rate = (self.step - first) / max(time.time() - t0, 1e-9)
+                    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                    self._print(f"step {self.step}/{self.steps}  {shown}  {rate:.1f} steps/s  "
+                                f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}")
+                if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                    self.save()
+                if stop_after_step is not None and self.step >= stop_after_step and self.step < self.steps:
+                    self.save()
+                    return TrainResult(False, self.step, None)
+            final = self.kind.write_outputs(self.paths.final, store)
+            tb.hparams(flat_hparams(self.config), final, self.step)
+            write_json_atomic(self.paths.final / "metrics.json", {"step": self.step, **final})
+            self._print("done  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
+            return TrainResult(True, self.step, final)
+        finally:
+            tb.close()

@@ -1,0 +1,446 @@
+"""Load a YAML job spec with line marks, validate it (JSON Schema + semantic checks), apply defaults.
+
+Every problem found is reported, each as `file:line:col: key.path: what was expected`, and all of them at
+once, so a researcher fixes a spec in one round instead of one error per submission.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from . import sweep as sweep_mod
+from .resources import schema_file
+
+Path_ = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
+
+# Sections that describe the experiment, not one task: a sweep may not vary them.
+EXPERIMENT_KEYS = ("experiment", "description", "output_root", "sweep", "launch", "registry")
+
+
+# --------------------------------------------------------------------------------------------- errors
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    column: int | None
+    path: Path_
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
+        key = format_path(self.path)
+        return f"{where}: {key}: {self.message}" if key else f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """One or more problems with a spec; str() lists them all, one per line."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def format_path(path: Path_) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+# ------------------------------------------------------------------------------------ YAML with marks
+@dataclass
+class LoadedYaml:
+    file: str
+    text: str
+    data: Any
+    # path -> (line, column) of the value, and of the key for mapping entries (1-based).
+    value_marks: dict = field(default_factory=dict)
+    key_marks: dict = field(default_factory=dict)
+
+    def locate(self, path: Path_, prefer_key: bool = False) -> tuple[int | None, int | None]:
+        """The mark of the deepest existing prefix of `path` (a missing key points at its parent)."""
+        marks = self.key_marks if prefer_key else self.value_marks
+        p = tuple(path)
+        while p:
+            if p in marks:
+                return marks[p]
+            if p in self.value_marks:
+                return self.value_marks[p]
+            p = p[:-1]
+        return self.value_marks.get((), (1, 1))
+
+    def problem(self, path: Path_, message: str, prefer_key: bool = False) -> Problem:
+        line, col = self.locate(path, prefer_key)
+        return Problem(self.file, line, col, tuple(path), message)
+
+
+def load_yaml(path: str | Path) -> LoadedYaml:
+    """Parse YAML safely, keeping where each key and value is; duplicate keys are errors."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([Problem(str(path), None, None, (), f"cannot read spec: {exc}")]) from exc
+    loaded = LoadedYaml(str(path), text, None)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded.data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(str(path), line, col, (), f"invalid YAML: {reason}")]) from exc
+    if node is None:
+        raise SpecError([Problem(str(path), 1, 1, (), "the spec is empty: expected a mapping with at least 'experiment' and 'kind'")])
+    duplicates: list[Problem] = []
+    _record_marks(node, (), loaded, duplicates)
+    if duplicates:
+        raise SpecError(duplicates)
+    return loaded
+
+
+def _record_marks(node: yaml.Node, path: Path_, loaded: LoadedYaml, problems: list[Problem]) -> None:
+    loaded.value_marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            sub = path + (key,)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(Problem(loaded.file, line, key_node.start_mark.column + 1, sub,
+                                        f"duplicate key (first set on line {seen[key]})"))
+            seen.setdefault(key, line)
+            loaded.key_marks[sub] = (line, key_node.start_mark.column + 1)
+            _record_marks(value_node, sub, loaded, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _record_marks(item, path + (i,), loaded, problems)
+
+
+# ------------------------------------------------------------------------------------------- schema
+@functools.lru_cache(maxsize=1)
+def load_schema() -> dict:
+    schema = json.loads(schema_file("jobspec.schema.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/"):
+            raise ValueError(f"only local $refs are supported, got {ref}")
+        target = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def effective_properties(schema: dict, instance: Any, root: dict | None = None) -> dict[str, dict]:
+    """The property subschemas that apply to `instance`: properties + allOf parts + matching if/then."""
+    root = root or load_schema()
+    schema = _resolve(schema, root)
+    props: dict[str, dict] = {}
+    for name, sub in schema.get("properties", {}).items():
+        props[name] = sub
+    for part in schema.get("allOf", []):
+        part = _resolve(part, root)
+        if "if" in part:
+            if jsonschema.Draft202012Validator(part["if"]).is_valid(instance):
+                part = _resolve(part.get("then", {}), root)
+            else:
+                part = _resolve(part.get("else", {}), root)
+        for name, sub in effective_properties(part, instance, root).items():
+            # A later, more specific subschema (a kind's data section) refines the generic one.
+            props[name] = {"allOf": [props[name], sub]} if name in props else sub
+    return props
+
+
+def _subschema_parts(schema: dict, root: dict) -> list[dict]:
+    schema = _resolve(schema, root)
+    parts = [schema]
+    for part in schema.get("allOf", []):
+        parts.extend(_subschema_parts(part, root))
+    return parts
+
+
+def property_schema(path: Path_, instance: dict) -> dict | None:
+    """The merged schema of the property at `path` in a spec like `instance`, or None if it does not exist."""
+    root = load_schema()
+    schema: dict = root
+    node: Any = instance
+    for part in path:
+        props = effective_properties(schema, node, root) if isinstance(node, dict) or node is None else {}
+        if part not in props:
+            return None
+        schema = props[part]
+        node = node.get(part) if isinstance(node, dict) else None
+    return schema
+
+
+def known_keys(path: Path_, instance: dict) -> list[str]:
+    """Keys allowed in the mapping at `path` (for 'did you mean' suggestions)."""
+    root = load_schema()
+    if not path:
+        return sorted(effective_properties(root, instance, root))
+    schema = property_schema(path, instance)
+    if schema is None:
+        return []
+    node = instance
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    keys: set[str] = set()
+    for part in _subschema_parts(schema, root):
+        keys.update(effective_properties(part, node if isinstance(node, dict) else {}, root))
+    return sorted(keys)
+
+
+def apply_defaults(instance: Any, schema: dict | None = None, root: dict | None = None) -> Any:
+    """Fill schema defaults into a copy of `instance`, recursing into objects (defaults live only in the schema)."""
+    root = root or load_schema()
+    schema = root if schema is None else schema
+    if not isinstance(instance, dict):
+        return instance
+    out = copy.deepcopy(instance)
+    merged: dict[str, list[dict]] = {}
+    for part in _subschema_parts(schema, root):
+        for name, sub in effective_properties(part, out, root).items():
+            merged.setdefault(name, []).extend(_subschema_parts(sub, root))
+    for name, parts in merged.items():
+        if name not in out:
+            for part in parts:
+                if "default" in part:
+                    out[name] = copy.deepcopy(part["default"])
+                    break
+        if name in out and isinstance(out[name], dict):
+            out[name] = apply_defaults(out[name], {"allOf": parts}, root)
+    return out
+
+
+# --------------------------------------------------------------------------------------- validation
+_TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number", type(None): "nothing (null)"}
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({text})" if not isinstance(value, (dict, list)) else _TYPE_NAMES[type(value)]
+
+
+def _unknown_key_problems(error, loaded: LoadedYaml, path: Path_, instance: dict, full: dict) -> list[Problem]:
+    allowed = known_keys(path, full)
+    problems = []
+    for key in error.instance:
+        if key in allowed:
+            continue
+        hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; allowed keys: {', '.join(allowed)}"
+        problems.append(loaded.problem(path + (key,), f"unknown key '{key}'{suggestion}", prefer_key=True))
+    return problems
+
+
+def _message(error) -> str:
+    v, s, inst = error.validator, error.validator_value, error.instance
+    if v == "type":
+        want = " or ".join(s) if isinstance(s, list) else s
+        return f"expected {'an' if want[0] in 'aeiou' else 'a'} {want}, got {_describe(inst)}"
+    if v == "enum":
+        return f"expected one of {', '.join(json.dumps(x) for x in s)}, got {_describe(inst)}"
+    if v == "const":
+        return f"expected {json.dumps(s)}, got {_describe(inst)}"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
+        return f"expected a value {op} {s}, got {inst}"
+    if v == "pattern":
+        return f"expected a string matching {s}, got {_describe(inst)}"
+    if v in ("minItems", "maxItems"):
+        return f"expected {'at least' if v == 'minItems' else 'at most'} {s} item(s), got {len(inst)}"
+    if v == "minLength":
+        return f"expected a string of at least {s} character(s), got {_describe(inst)}"
+    if v == "required":
+        return error.message.replace("is a required property", "is required but missing")
+    return error.message
+
+
+def schema_problems(loaded: LoadedYaml, instance: dict, path_map=None) -> list[Problem]:
+    """All JSON Schema violations of `instance`, located in `loaded`.
+
+    path_map(path) -> (reported path, mark path) lets sweep-expanded task configs point at the sweep value
+    that produced the bad value instead of the base spec.
+    """
+    problems = []
+    for error in _validator().iter_errors(instance):
+        path = tuple(error.absolute_path)
+        shown, mark_path = path_map(path) if path_map else (path, path)
+        if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
+            for p in _unknown_key_problems(error, loaded, mark_path, error.instance, instance):
+                problems.append(Problem(p.file, p.line, p.column, shown + p.path[len(mark_path):], p.message))
+            continue
+        if error.validator in ("if", "allOf"):
+            continue  # their failing sub-errors are reported on their own
+        line, col = loaded.locate(mark_path)
+        problems.append(Problem(loaded.file, line, col, shown, _message(error)))
+    return problems
+
+
+@dataclass
+class Spec:
+    """A validated spec: the experiment-level settings and the base task config, defaults applied."""
+
+    file: Path
+    text: str
+    loaded: LoadedYaml
+    resolved: dict  # the whole spec with defaults (sweep included)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.resolve().parent
+
+    @property
+    def experiment(self) -> str:
+        return self.resolved["experiment"]
+
+    def task_config(self, overrides: dict[str, Any]) -> dict:
+        """The base spec with dotted-path overrides applied, experiment-level keys removed, defaults applied."""
+        config = {k: v for k, v in self.loaded.data.items() if k not in EXPERIMENT_KEYS}
+        config = copy.deepcopy(config)
+        for dotted, value in overrides.items():
+            set_dotted(config, dotted, value)
+        full = apply_defaults({**config, "experiment": self.experiment})
+        return {k: v for k, v in full.items() if k not in EXPERIMENT_KEYS}
+
+
+def set_dotted(config: dict, dotted: str, value: Any) -> None:
+    node = config
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TypeError(f"{dotted}: '{part}' is not a mapping")
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Load, validate and resolve a spec; raises SpecError listing every problem."""
+    loaded = load_yaml(path)
+    data = loaded.data
+    if not isinstance(data, dict):
+        raise SpecError([loaded.problem((), f"expected a mapping at the top level, got {_describe(data)}")])
+    problems = schema_problems(loaded, data)
+    if not problems:
+        problems += _sweep_problems(loaded, data)
+    if not problems:
+        spec = Spec(Path(path), loaded.text, loaded, apply_defaults(data))
+        problems += _task_problems(spec)
+    # Report each problem once, in file order.
+    unique = sorted(set(problems), key=lambda p: (p.line or 0, p.column or 0, format_path(p.path), p.message))
+    if unique:
+        raise SpecError(unique)
+    return spec
+
+
+def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
+    sweep = data.get("sweep") or {}
+    problems = []
+    grid, zipped = sweep.get("grid", {}) or {}, sweep.get("zip", {}) or {}
+    for section in ("grid", "zip"):
+        for dotted in (sweep.get(section) or {}):
+            where = ("sweep", section, dotted)
+            top = dotted.split(".")[0]
+            if top in EXPERIMENT_KEYS or top in ("kind",):
+                problems.append(loaded.problem(where, f"'{top}' is set once per experiment and cannot be swept", prefer_key=True))
+                continue
+            if property_schema(tuple(dotted.split(".")), data) is None:
+                candidates = sweepable_paths(data)
+                hint = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+                extra = f"; did you mean '{hint[0]}'?" if hint else ""
+                problems.append(loaded.problem(where, f"'{dotted}' is not a key of a {data.get('kind')} spec{extra}", prefer_key=True))
+    for dotted in set(grid) & set(zipped):
+        problems.append(loaded.problem(("sweep", "zip", dotted), f"'{dotted}' is swept in both grid and zip; use one", prefer_key=True))
+    lengths = {k: len(v) for k, v in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
+        problems.append(loaded.problem(("sweep", "zip"), f"zip lists must have equal lengths, got {detail}"))
+    return problems
+
+
+def sweepable_paths(data: dict) -> list[str]:
+    """Every dotted leaf path a sweep may vary in a spec of this kind."""
+    out: list[str] = []
+    root = load_schema()
+
+    def walk(schema: dict, node: Any, prefix: tuple) -> None:
+        props: dict[str, dict] = {}
+        for part in _subschema_parts(schema, root):
+            for name, sub in effective_properties(part, node if isinstance(node, dict) else {}, root).items():
+                props.setdefault(name, {"allOf": []})["allOf"].append(sub)
+        if not props:
+            if prefix:
+                out.append(".".join(prefix))
+            return
+        for name, sub in props.items():
+            if not prefix and (name in EXPERIMENT_KEYS or name == "kind"):
+                continue
+            walk(sub, node.get(name) if isinstance(node, dict) else None, prefix + (name,))
+
+    walk(root, data, ())
+    return sorted(out)
+
+
+def _task_problems(spec: Spec) -> list[Problem]:
+    """Validate every sweep-expanded task config; bad swept values point at the sweep entry."""
+    loaded = spec.loaded
+    problems: list[Problem] = []
+    for combo in sweep_mod.override_sets(spec.resolved.get("sweep") or {}):
+        overrides = {dotted: value for dotted, (value, _) in combo.items()}
+        config = spec.task_config(overrides)
+        instance = {**config, "experiment": spec.experiment}
+
+        def path_map(path: Path_, combo=combo) -> tuple[Path_, Path_]:
+            dotted = ".".join(str(p) for p in path)
+            for key, (_, source) in combo.items():
+                if dotted == key or dotted.startswith(key + "."):
+                    return source, source
+            return path, path
+
+        problems += schema_problems(loaded, instance, path_map)
+        if not problems:
+            problems += _semantic_problems(spec, config, path_map)
+    return problems
+
+
+def _semantic_problems(spec: Spec, config: dict, path_map) -> list[Problem]:
+    """Checks a schema cannot express; each kind adds its own (see runtime.kinds)."""
+    from .runtime.kinds import get_kind
+
+    problems = []
+    train = config.get("train", {})
+    if train.get("log_every", 0) > train.get("steps", 0):
+        shown, mark = path_map(("train", "log_every"))
+        line, col = spec.loaded.locate(mark)
+        problems.append(Problem(spec.loaded.file, line, col, shown,
+                                f"expected at most train.steps ({train['steps']}), got {train['log_every']}"))
+    for path, message in get_kind(config["kind"]).check_config(config, spec.base_dir):
+        shown, mark = path_map(path)
+        line, col = spec.loaded.locate(mark)
+        problems.append(Problem(spec.loaded.file, line, col, shown, message))
+    return problems
