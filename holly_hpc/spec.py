@@ -10,6 +10,7 @@ import copy
 import difflib
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .resources import schema_file
 Path_ = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
 
 # Sections that describe the experiment, not one task: a sweep may not vary them.
+KIND_NAMES = ("pose",)  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
 EXPERIMENT_KEYS = ("experiment", "description", "output_root", "sweep", "launch", "registry")
 
 
@@ -86,6 +88,18 @@ class LoadedYaml:
         return Problem(self.file, line, col, tuple(path), message)
 
 
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `lr: 1e-4` is a number, not the string PyYAML 1.1 makes of it."""
+
+
+SpecLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_yaml(path: str | Path) -> LoadedYaml:
     """Parse YAML safely, keeping where each key and value is; duplicate keys are errors."""
     path = Path(path)
@@ -95,8 +109,8 @@ def load_yaml(path: str | Path) -> LoadedYaml:
         raise SpecError([Problem(str(path), None, None, (), f"cannot read spec: {exc}")]) from exc
     loaded = LoadedYaml(str(path), text, None)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        loaded.data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=SpecLoader)
+        loaded.data = yaml.load(text, Loader=SpecLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
@@ -346,10 +360,10 @@ def load_spec(path: str | Path) -> Spec:
     if not isinstance(data, dict):
         raise SpecError([loaded.problem((), f"expected a mapping at the top level, got {_describe(data)}")])
     problems = schema_problems(loaded, data)
-    if not problems:
-        problems += _sweep_problems(loaded, data)
-    if not problems:
-        spec = Spec(Path(path), loaded.text, loaded, apply_defaults(data))
+    sweep_problems = _sweep_problems(loaded, data) if isinstance(data.get("sweep"), dict) else []
+    problems += sweep_problems
+    spec = Spec(Path(path), loaded.text, loaded, apply_defaults(data))
+    if not sweep_problems and data.get("kind") in KIND_NAMES and isinstance(data.get("experiment"), str):
         problems += _task_problems(spec)
     # Report each problem once, in file order.
     unique = sorted(set(problems), key=lambda p: (p.line or 0, p.column or 0, format_path(p.path), p.message))
@@ -361,9 +375,10 @@ def load_spec(path: str | Path) -> Spec:
 def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
     sweep = data.get("sweep") or {}
     problems = []
-    grid, zipped = sweep.get("grid", {}) or {}, sweep.get("zip", {}) or {}
-    for section in ("grid", "zip"):
-        for dotted in (sweep.get(section) or {}):
+    grid = sweep.get("grid") if isinstance(sweep.get("grid"), dict) else {}
+    zipped = sweep.get("zip") if isinstance(sweep.get("zip"), dict) else {}
+    for section, entries in (("grid", grid), ("zip", zipped)):
+        for dotted in entries:
             where = ("sweep", section, dotted)
             top = dotted.split(".")[0]
             if top in EXPERIMENT_KEYS or top in ("kind",):
@@ -376,10 +391,10 @@ def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
                 problems.append(loaded.problem(where, f"'{dotted}' is not a key of a {data.get('kind')} spec{extra}", prefer_key=True))
     for dotted in set(grid) & set(zipped):
         problems.append(loaded.problem(("sweep", "zip", dotted), f"'{dotted}' is swept in both grid and zip; use one", prefer_key=True))
-    lengths = {k: len(v) for k, v in zipped.items()}
+    lengths = {k: len(v) for k, v in zipped.items() if isinstance(v, list)}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
-        problems.append(loaded.problem(("sweep", "zip"), f"zip lists must have equal lengths, got {detail}"))
+        problems.append(loaded.problem(("sweep", "zip"), f"zip lists must have equal lengths, got {detail}", prefer_key=True))
     return problems
 
 
@@ -422,9 +437,10 @@ def _task_problems(spec: Spec) -> list[Problem]:
                     return source, source
             return path, path
 
-        problems += schema_problems(loaded, instance, path_map)
-        if not problems:
-            problems += _semantic_problems(spec, config, path_map)
+        task_problems = schema_problems(loaded, instance, path_map)
+        if not task_problems:
+            task_problems = _semantic_problems(spec, config, path_map)
+        problems += task_problems
     return problems
 
 

@@ -49,7 +49,10 @@ def geodesic_angle_deg(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     """Angle (degrees) of the relative rotation r1^T r2, per batch element."""
     rel = r1.transpose(-1, -2) @ r2
     cos = (rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+    # sin from the antisymmetric part; atan2 stays accurate near 0° and 180°, where arccos does not.
+    skew = torch.stack((rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]), -1)
+    sin = skew.norm(dim=-1) / 2
+    return torch.rad2deg(torch.atan2(sin, cos))
 
 
 def axial_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,9 +67,13 @@ def axial_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tens
         axis = torch.tensor([0.0, 0.0, 1.0], dtype=r_pred.dtype, device=r_pred.device)
     a_pred = r_pred @ axis
     a_true = r_true @ axis
-    mirror = DEPTH_MIRROR.to(device=a_true.device, dtype=a_true.dtype)
-    cos = torch.maximum((a_pred * a_true).sum(-1).abs(), (a_pred * (a_true @ mirror)).sum(-1).abs())
-    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+    mirrored = a_true @ DEPTH_MIRROR.to(device=a_true.device, dtype=a_true.dtype)
+    return torch.minimum(_line_angle_deg(a_pred, a_true), _line_angle_deg(a_pred, mirrored))
+
+
+def _line_angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angle in [0°, 90°] between the lines along vectors a and b (sign ignored)."""
+    return torch.rad2deg(torch.atan2(torch.linalg.cross(a, b, dim=-1).norm(dim=-1), (a * b).sum(-1).abs()))
 
 
 def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, symmetry: str) -> torch.Tensor:
