@@ -17,7 +17,8 @@ from .sweep import expand
 DEFAULT_OUTPUT_ROOT = "runs"
 
 
-def _table(headers: list[str], rows: list[list], out=sys.stdout) -> None:
+def _table(headers: list[str], rows: list[list], out=None) -> None:
+    out = out or sys.stdout
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)

@@ -60,8 +60,9 @@ def submit(spec_path: str | Path, cluster: str | None = None, output_root: str |
     return submission
 
 
-def wait(submission: Submission, out: TextIO = sys.stdout, poll_s: float = 2.0, timeout_s: float | None = None) -> bool:
+def wait(submission: Submission, out: TextIO | None = None, poll_s: float = 2.0, timeout_s: float | None = None) -> bool:
     """Block until every launched task has ended, printing progress; True if all succeeded."""
+    out = out or sys.stdout
     exp, registry = submission.experiment, submission.registry
     wanted = {t.task_index for t in submission.launched}
     jobs = [t.job for t in submission.launched]

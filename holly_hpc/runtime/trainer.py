@@ -23,8 +23,6 @@ class RegistryReporter:
         self._warned = False
 
     def _safely(self, fn: Callable, *args) -> None:
-        if self.registry is None:
-            return
         try:
             fn(self.experiment, self.task_index, *args)
         except Exception as exc:  # noqa: BLE001 - any DB failure must not end the run
@@ -33,6 +31,8 @@ class RegistryReporter:
                 self._warned = True
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.registry is None:
+            return
         now = time.time()
         self._safely(self.registry.log_metrics, [(step, k, float(v), now) for k, v in metrics.items()])
         self._safely(self.registry.heartbeat, step, metrics.get("loss"))

@@ -1,0 +1,116 @@
+"""The shared Trainer on the pose kind: exact resume, TensorBoard and zarr read back, final files."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from holly_hpc.experiment import freeze
+from holly_hpc.registry import open_registry
+from holly_hpc.runtime.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from holly_hpc.runtime.task import run_task
+from holly_hpc.spec import load_spec
+from holly_hpc.sweep import expand
+
+
+def _experiment(write_spec, tmp_path, name: str, changes: dict | None = None):
+    spec = load_spec(write_spec({"experiment": name, **(changes or {})}, name=f"{name}.yaml"))
+    url = f"sqlite:///{tmp_path / 'runs' / 'registry.sqlite'}"
+    exp = freeze(spec, expand(spec), tmp_path / "runs", url)
+    reg = open_registry(url)
+    reg.init()
+    return exp, reg
+
+
+def _final_state(exp) -> dict:
+    return load_checkpoint(latest_checkpoint(exp.task_dir(0) / "checkpoints"))
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(write_spec, tmp_path):
+    whole, _ = _experiment(write_spec, tmp_path, "whole")
+    cut, _ = _experiment(write_spec, tmp_path, "cut")
+    assert whole.task(0).config == cut.task(0).config
+
+    run_task(whole, 0, out=io.StringIO())
+    first = run_task(cut, 0, stop_after_step=7, out=io.StringIO())  # "preempted" after step 7
+    assert not first.completed and first.step == 7
+    assert [s for s, _ in list_checkpoints(cut.task_dir(0) / "checkpoints")] == [7]
+    log = io.StringIO()
+    second = run_task(cut, 0, out=log)
+    assert second.completed and "resumed from step_00000007.pt (step 7)" in log.getvalue()
+
+    a, b = _final_state(whole), _final_state(cut)
+    assert a["step"] == b["step"] == 20
+    for key, tensor in a["kind"]["net"].items():
+        assert torch.equal(tensor, b["kind"]["net"][key]), key
+    for pa, pb in zip(a["kind"]["optimizer"]["state"].values(), b["kind"]["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # The metrics logged across the interruption equal the uninterrupted run's.
+    za = zarr.open_group(str(whole.task_dir(0) / "outputs.zarr"), mode="r")
+    zb = zarr.open_group(str(cut.task_dir(0) / "outputs.zarr"), mode="r")
+    np.testing.assert_array_equal(za["metrics/loss"][:], zb["metrics/loss"][:])
+
+
+def test_outputs_readable_back(write_spec, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp, reg = _experiment(write_spec, tmp_path, "outs")
+    reg.upsert_experiment(exp.name, "", "", str(exp.root))
+    reg.upsert_runs(exp.name, [{"task_index": 0, "task_id": exp.task(0).task_id, "config": "{}", "config_hash": "",
+                                "seed": 0, "out_dir": ""}])
+    result = run_task(exp, 0, registry=reg, out=io.StringIO())
+    task_dir = exp.task_dir(0)
+
+    # TensorBoard: scalars at every log interval, image grids, hparams, all in the task's own run.
+    tb = task_dir / "tb"
+    assert [p for p in tb.iterdir() if p.is_dir()] == []  # no stray hparams subfolder
+    ea = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"loss", "rot_err_median_deg", "eval_loss", "lr"} <= set(tags["scalars"])
+    assert [e.step for e in ea.Scalars("loss")] == [5, 10, 15, 20]
+    assert [e.step for e in ea.Images("eval/inputs_vs_renders")] == [5, 10, 15, 20]
+    hp = ea.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hp)
+    # TensorBoard stores float32
+    assert ea.Scalars("hparams/rot_err_median_deg")[-1].value == pytest.approx(result.final_metrics["rot_err_median_deg"], rel=1e-6)
+
+    # zarr v3: one slot per log interval, plus the task's arrays.
+    group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")
+    assert group.metadata.zarr_format == 3
+    assert list(group["metrics/step"][:]) == [5, 10, 15, 20]
+    assert np.isfinite(group["metrics/rot_err_median_deg"][:]).all()
+    assert group["eval/rotations_pred"].shape == (16, 3, 3)
+    assert group["structure/points"].shape == (40, 3)
+    errors = group["eval/rotation_error_deg"][:]
+    assert float(np.median(errors)) == pytest.approx(result.final_metrics["rot_err_median_deg"], rel=1e-6)
+
+    # final/ and checkpoints/
+    final = json.loads((task_dir / "final" / "metrics.json").read_text())
+    assert final["step"] == 20 and final["rot_err_median_deg"] == result.final_metrics["rot_err_median_deg"]
+    for name in ("structure.ply", "structure.obj", "renders.png"):
+        assert (task_dir / "final" / name).stat().st_size > 0
+    assert (task_dir / "final" / "structure.ply").read_text().startswith("ply\nformat ascii 1.0\n")
+    assert [s for s, _ in list_checkpoints(task_dir / "checkpoints")] == [10, 20]  # keep_checkpoints: 2
+
+    # registry: metrics rows per log interval, heartbeat with the last step and loss
+    rows = reg.metrics(exp.name, 0)
+    assert sorted({s for s, _, _ in rows}) == [5, 10, 15, 20]
+    (run,) = reg.runs(exp.name)
+    assert run.last_step == 20 and run.last_loss == pytest.approx(ea.Scalars("loss")[-1].value, rel=1e-6)
+
+
+def test_a_failing_registry_does_not_stop_training(write_spec, tmp_path):
+    exp, _ = _experiment(write_spec, tmp_path, "noreg")
+    broken = open_registry(f"sqlite:///{tmp_path / 'missing-dir' / 'nested' / 'r.sqlite'}")
+
+    with pytest.warns(RuntimeWarning, match="run registry unavailable, training continues"):
+        result = run_task(exp, 0, registry=broken, out=io.StringIO())
+    assert result.completed and (exp.task_dir(0) / "final" / "metrics.json").exists()
