@@ -82,7 +82,11 @@ def cmd_submit(args) -> int:
         print("jobs: " + ", ".join(f"task {t.task_index} -> {t.job_id}" for t in sub.launched))
     ok = True
     if args.wait and cluster != "debug" and sub.launched:
-        ok = wait(sub)
+        try:
+            ok = wait(sub)
+        except KeyboardInterrupt:
+            print(f"\nstopped watching; the tasks go on: holly-hpc status {exp.root}")
+            return 130
     if args.wait or cluster == "debug":
         runs = sub.registry.runs(exp.name)
         ok = ok and all(r.state == "succeeded" for r in runs)

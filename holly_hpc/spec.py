@@ -21,7 +21,7 @@ import yaml
 from . import sweep as sweep_mod
 from .resources import schema_file
 
-Path_ = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
+KeyPath = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
 
 # Sections that describe the experiment, not one task: a sweep may not vary them.
 KIND_NAMES = ("pose",)  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
@@ -34,7 +34,7 @@ class Problem:
     file: str
     line: int | None
     column: int | None
-    path: Path_
+    path: KeyPath
     message: str
 
     def __str__(self) -> str:
@@ -51,7 +51,7 @@ class SpecError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def format_path(path: Path_) -> str:
+def format_path(path: KeyPath) -> str:
     out = ""
     for part in path:
         if isinstance(part, int):
@@ -71,7 +71,7 @@ class LoadedYaml:
     value_marks: dict = field(default_factory=dict)
     key_marks: dict = field(default_factory=dict)
 
-    def locate(self, path: Path_, prefer_key: bool = False) -> tuple[int | None, int | None]:
+    def locate(self, path: KeyPath, prefer_key: bool = False) -> tuple[int | None, int | None]:
         """The mark of the deepest existing prefix of `path` (a missing key points at its parent)."""
         marks = self.key_marks if prefer_key else self.value_marks
         p = tuple(path)
@@ -83,7 +83,7 @@ class LoadedYaml:
             p = p[:-1]
         return self.value_marks.get((), (1, 1))
 
-    def problem(self, path: Path_, message: str, prefer_key: bool = False) -> Problem:
+    def problem(self, path: KeyPath, message: str, prefer_key: bool = False) -> Problem:
         line, col = self.locate(path, prefer_key)
         return Problem(self.file, line, col, tuple(path), message)
 
@@ -125,7 +125,7 @@ def load_yaml(path: str | Path) -> LoadedYaml:
     return loaded
 
 
-def _record_marks(node: yaml.Node, path: Path_, loaded: LoadedYaml, problems: list[Problem]) -> None:
+def _record_marks(node: yaml.Node, path: KeyPath, loaded: LoadedYaml, problems: list[Problem]) -> None:
     loaded.value_marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
@@ -196,7 +196,7 @@ def _subschema_parts(schema: dict, root: dict) -> list[dict]:
     return parts
 
 
-def property_schema(path: Path_, instance: dict) -> dict | None:
+def property_schema(path: KeyPath, instance: dict) -> dict | None:
     """The merged schema of the property at `path` in a spec like `instance`, or None if it does not exist."""
     root = load_schema()
     schema: dict = root
@@ -210,7 +210,7 @@ def property_schema(path: Path_, instance: dict) -> dict | None:
     return schema
 
 
-def known_keys(path: Path_, instance: dict) -> list[str]:
+def known_keys(path: KeyPath, instance: dict) -> list[str]:
     """Keys allowed in the mapping at `path` (for 'did you mean' suggestions)."""
     root = load_schema()
     if not path:
@@ -260,7 +260,7 @@ def _describe(value: Any) -> str:
     return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({text})" if not isinstance(value, (dict, list)) else _TYPE_NAMES[type(value)]
 
 
-def _unknown_key_problems(error, loaded: LoadedYaml, path: Path_, instance: dict, full: dict) -> list[Problem]:
+def _unknown_key_problems(error, loaded: LoadedYaml, path: KeyPath, instance: dict, full: dict) -> list[Problem]:
     allowed = known_keys(path, full)
     problems = []
     for key in error.instance:
@@ -430,7 +430,7 @@ def _task_problems(spec: Spec) -> list[Problem]:
         config = spec.task_config(overrides)
         instance = {**config, "experiment": spec.experiment}
 
-        def path_map(path: Path_, combo=combo) -> tuple[Path_, Path_]:
+        def path_map(path: KeyPath, combo=combo) -> tuple[KeyPath, KeyPath]:
             dotted = ".".join(str(p) for p in path)
             for key, (_, source) in combo.items():
                 if dotted == key or dotted.startswith(key + "."):

@@ -28,6 +28,11 @@ def _constraints(schema: dict) -> str:
     return ", ".join(parts)
 
 
+def _cell(text: str) -> str:
+    """Escape what would break a markdown table cell or be read as an HTML tag."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _rows(props: dict, root: dict, prefix: str, required: set) -> list[str]:
     rows = []
     for name, sub in props.items():
@@ -35,8 +40,7 @@ def _rows(props: dict, root: dict, prefix: str, required: set) -> list[str]:
         default = json.dumps(sub["default"]) if "default" in sub and not isinstance(sub["default"], dict) else ""
         if name in required:
             default = "**required**"
-        desc = sub.get("description", "").replace("|", "\\|")
-        rows.append(f"| `{prefix}{name}` | {_type_of(sub)} | {default} | {_constraints(sub)} | {desc} |")
+        rows.append(f"| `{prefix}{name}` | {_type_of(sub)} | {default} | {_cell(_constraints(sub))} | {_cell(sub.get('description', ''))} |")
     return rows
 
 

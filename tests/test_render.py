@@ -87,3 +87,16 @@ def test_simulated_batches_are_a_function_of_seed_and_step():
     assert torch.equal(a["images"], b["images"]) and not torch.equal(a["images"], c["images"])
     assert a["translations"].abs().max() <= 0.1
     assert math.isclose(structure.points.norm(dim=1).max().item(), 0.7, rel_tol=1e-6)
+
+
+def test_obj_structures_and_symmetry_choice(tmp_path):
+    from holly_hpc.io.mesh import read_obj_vertices, write_obj
+
+    torus = load_structure("torus", 30, 0.7)
+    write_obj(tmp_path / "t.obj", torus.points.numpy())
+    assert torch.allclose(torch.from_numpy(read_obj_vertices(tmp_path / "t.obj")).float(), torus.points, atol=1e-5)
+    as_obj = load_structure("t.obj", 0, 0.7, base_dir=tmp_path)
+    assert as_obj.symmetry == "none" and as_obj.points.shape == (30, 3)
+    assert load_structure("t.obj", 0, 0.7, base_dir=tmp_path, symmetry="axial").symmetry == "axial"
+    assert torus.symmetry == "axial"
+    assert torch.allclose(as_obj.points, torus.points, atol=1e-5)

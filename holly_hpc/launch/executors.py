@@ -7,9 +7,11 @@ Local and Debug executors), so a new cluster is a new class, not an edit of the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
+import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +50,26 @@ class LocalLauncher(Launcher):
         # so each process gets the per-task limit times the number of waves ahead of it.
         waves = math.ceil(len(indices) / max(1, launch["array_parallelism"]))
         executor.update_parameters(timeout_min=launch["timeout_min"] * waves + 1)
-        jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
+        with _controllers_in_own_session():
+            jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
         return [LaunchedTask(i, str(job.job_id), job) for i, job in zip(indices, jobs)]
+
+
+@contextlib.contextmanager
+def _controllers_in_own_session():
+    """submitit starts each local controller with a plain Popen, inside the terminal's process group, so a
+    Ctrl-C meant to stop `holly-hpc submit --wait` from watching would also kill every task. Start the
+    controllers in their own session instead: the tasks run on until they end (or are cancelled)."""
+    from submitit.local import local as local_module
+
+    real = local_module.subprocess
+    shim = types.SimpleNamespace(**vars(real))
+    shim.Popen = functools.partial(real.Popen, start_new_session=True)
+    local_module.subprocess = shim
+    try:
+        yield
+    finally:
+        local_module.subprocess = real
 
 
 class DebugLauncher(Launcher):

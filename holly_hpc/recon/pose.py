@@ -51,7 +51,8 @@ class PoseTask(TaskKind):
     def __init__(self, config: dict, device: torch.device, base_dir: Path):
         self.config, self.device = config, device
         data, model, train = config["data"], config["model"], config["train"]
-        self.structure = load_structure(data["structure"], data["num_points"], data["radius"], base_dir)
+        self.structure = load_structure(data["structure"], data["num_points"], data["radius"], base_dir,
+                                        data["symmetry"])
         self.points = self.structure.points.to(device)
         self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"]).to(device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])

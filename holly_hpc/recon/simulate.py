@@ -44,18 +44,23 @@ class Structure:
     name: str
 
 
-def load_structure(name_or_path: str, num_points: int, radius: float, base_dir: Path | None = None) -> Structure:
-    """A built-in shape by name, or the vertices of an OBJ file (relative paths from base_dir)."""
+def load_structure(name_or_path: str, num_points: int, radius: float, base_dir: Path | None = None,
+                   symmetry: str = "auto") -> Structure:
+    """A built-in shape by name, or the vertices of an OBJ file (relative paths from base_dir).
+
+    symmetry "auto" takes the built-in shape's own ("none" for an OBJ); "axial"/"none" override it.
+    """
     if name_or_path in BUILTIN_SYMMETRY:
         raw = torus_points(num_points)
-        symmetry = BUILTIN_SYMMETRY[name_or_path]
+        own_symmetry = BUILTIN_SYMMETRY[name_or_path]
     else:
         path = Path(name_or_path)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         raw = torch.from_numpy(read_obj_vertices(path))
-        symmetry = "none"
-    return Structure(normalise_structure(raw, radius).float(), symmetry, name_or_path)
+        own_symmetry = "none"
+    chosen = own_symmetry if symmetry == "auto" else symmetry
+    return Structure(normalise_structure(raw, radius).float(), chosen, name_or_path)
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
