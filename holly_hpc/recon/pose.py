@@ -58,6 +58,9 @@ class PoseTask(TaskKind):
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self.eval_set = self._batch(EVAL_STREAM, data["eval_size"])
+        # Held-out predictions, reused by evaluate/image_grids/write_outputs until the weights change.
+        self._weights_version = 0
+        self._eval_cache: tuple[int, tuple] | None = None
 
     def _batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         data = self.config["data"]
@@ -77,17 +80,19 @@ class PoseTask(TaskKind):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self._weights_version += 1
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         return {"loss": loss.item(), "lr": lr}
 
     @torch.no_grad()
     def _predict_eval(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        was_training = self.net.training
-        self.net.eval()
-        rotations, translations = self.net(self.eval_set["images"])
-        self.net.train(was_training)
-        return rotations, translations
+        if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
+            was_training = self.net.training
+            self.net.eval()
+            self._eval_cache = (self._weights_version, self.net(self.eval_set["images"]))
+            self.net.train(was_training)
+        return self._eval_cache[1]
 
     def evaluate(self) -> dict[str, float]:
         rotations, translations = self._predict_eval()
@@ -111,6 +116,7 @@ class PoseTask(TaskKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
+        self._weights_version += 1
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
