@@ -151,16 +151,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    path = Path(args.experiment)
-    if not (path / PLAN).exists():
-        registry, _ = _registry_for(args, args.experiment)
-        _check_registry(registry)
-        match = [e for e in registry.experiments() if e.name == args.experiment]
-        if not match:
-            print(f"no experiment '{args.experiment}' in {registry.url}", file=sys.stderr)
-            return 1
-        path = Path(match[0].experiment_dir)
-    exp = Experiment.load(path)
+    exp = _experiment_from(args, args.experiment)
     logs = sorted(exp.submitit_dir.glob("*_log.out" if not args.stderr else "*_log.err"), key=os.path.getmtime)
     mine = [p for p in logs if _log_belongs_to(p, exp, args.task)]
     if not mine:
@@ -182,6 +173,37 @@ def _log_belongs_to(log: Path, exp: Experiment, task_index: int) -> bool:
 
     delayed = submitit.helpers.DelayedSubmission.load(pickle)
     return getattr(delayed.function, "task_index", None) == task_index
+
+
+def _experiment_from(args, target: str) -> Experiment:
+    """An experiment folder, or a name looked up in the registry."""
+    path = Path(target)
+    if (path / PLAN).exists():
+        return Experiment.load(path)
+    registry, _ = _registry_for(args, target)
+    _check_registry(registry)
+    match = [e for e in registry.experiments() if e.name == target]
+    if not match:
+        raise FileNotFoundError(f"no experiment folder or registered experiment named '{target}' (registry {registry.url})")
+    return Experiment.load(match[0].experiment_dir)
+
+
+def cmd_eval(args) -> int:
+    from .runtime.evaluate import evaluate_task
+
+    target = Path(args.run)
+    if (target / "checkpoints").is_dir() and (target.parent.parent / PLAN).exists():
+        exp = Experiment.load(target.parent.parent)  # a task folder: <experiment>/tasks/<id>
+        index = next(t.index for t in exp.tasks if exp.root / t.rel_dir == target.resolve())
+    else:
+        if args.task is None:
+            print("error: give a task folder, or an experiment with --task N", file=sys.stderr)
+            return 1
+        exp, index = _experiment_from(args, args.run), args.task
+    metrics = evaluate_task(exp, index)
+    print(f"task {exp.task(index).task_id} at step {metrics.pop('step')}: outputs rewritten in {exp.task_dir(index) / 'final'}")
+    _table(["metric", "value"], [[k, f"{v:.6g}"] for k, v in metrics.items()])
+    return 0
 
 
 def cmd_reference(args) -> int:
@@ -233,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root")
     p.add_argument("--registry")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("eval", help="recompute a finished task's metrics and pictures from its checkpoint")
+    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
+    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
+    p.add_argument("--output-root")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("reference", help="print the spec reference (markdown) generated from the schema")
     p.set_defaults(func=cmd_reference)

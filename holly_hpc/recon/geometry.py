@@ -55,17 +55,19 @@ def geodesic_angle_deg(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(torch.atan2(sin, cos))
 
 
-def axial_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tensor | None = None) -> torch.Tensor:
+def axial_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tensor | None = None,
+                    pred_axis: torch.Tensor | None = None) -> torch.Tensor:
     """Rotation error for a structure with a continuous symmetry about `axis` (default z).
 
     Such a structure (a torus, a ring) looks the same after any spin about its axis, after flipping the
     axis (it is mirror symmetric through its equator) and, in an orthographic image, after mirroring the
     depth. So only the axis line matters, up to the depth mirror: the error is the smallest angle between
-    the predicted axis line and the true axis line or its depth mirror.
+    the predicted axis line and the true axis line or its depth mirror. pred_axis: the symmetry axis in the
+    predicted structure's own frame when it differs from `axis` (a learned structure).
     """
     if axis is None:
         axis = torch.tensor([0.0, 0.0, 1.0], dtype=r_pred.dtype, device=r_pred.device)
-    a_pred = r_pred @ axis
+    a_pred = r_pred @ (axis if pred_axis is None else pred_axis)
     a_true = r_true @ axis
     mirrored = a_true @ DEPTH_MIRROR.to(device=a_true.device, dtype=a_true.dtype)
     return torch.minimum(_line_angle_deg(a_pred, a_true), _line_angle_deg(a_pred, mirrored))

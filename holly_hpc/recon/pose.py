@@ -17,20 +17,12 @@ from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
 from ..runtime.kinds import TaskKind, make_lr_scheduler
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .geometry import rotation_error_deg
+from .losses import image_loss
 from .metrics import rotation_error_summary
 from .posenet import PoseNet
 from .render import render_images
-from .simulate import BUILTIN_SYMMETRY, batch_generator, load_structure, simulate_batch
-
-EVAL_STREAM = 2**31  # batch-generator position of the held-out set: never reached by training steps
+from .simulate import BUILTIN_SYMMETRY, EVAL_STREAM, batch_generator, load_structure, simulate_batch
 N_SHOWN = 8  # images per row in the input-vs-render grids
-
-
-def image_loss(rendered: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    # Images are normalised to mean 1 per pixel so the loss scale does not depend on size or point count.
-    scale = target.flatten(1).mean(dim=1).clamp_min(1e-12)[:, None, None]
-    diff = (rendered - target) / scale
-    return diff.pow(2).mean() if kind == "l2" else diff.abs().mean()
 
 
 class PoseTask(TaskKind):
@@ -75,8 +67,8 @@ class PoseTask(TaskKind):
     def train_step(self, step: int) -> dict[str, float]:
         batch = self._batch(step, self.config["train"]["batch_size"])
         self.net.train()
-        rotations, translations = self.net(batch["images"])
-        loss = image_loss(self._render(rotations, translations), batch["images"], self.config["train"]["loss"])
+        pred = self.net(batch["images"])
+        loss = image_loss(self._render(pred.rotations, pred.translations), batch["images"], self.config["train"]["loss"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -90,7 +82,8 @@ class PoseTask(TaskKind):
         if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
             was_training = self.net.training
             self.net.eval()
-            self._eval_cache = (self._weights_version, self.net(self.eval_set["images"]))
+            pred = self.net(self.eval_set["images"])
+            self._eval_cache = (self._weights_version, (pred.rotations, pred.translations))
             self.net.train(was_training)
         return self._eval_cache[1]
 

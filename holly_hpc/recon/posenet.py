@@ -1,6 +1,9 @@
-"""The pose CNN: one image in, a rotation (6D parameterisation) and an optional bounded translation out."""
+"""The pose CNN: one image in; a rotation (6D parameterisation), an optional bounded translation and an
+optional blur sigma out."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,14 +19,26 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     )
 
 
+@dataclass
+class PosePrediction:
+    rotations: torch.Tensor  # (B, 3, 3)
+    translations: torch.Tensor | None  # (B, 2), image-frame units
+    sigma: torch.Tensor | None  # (B,), pixels
+
+
+MIN_SIGMA_PX = 0.5  # a predicted blur below half a pixel would alias
+
+
 class PoseNet(nn.Module):
     """Conv stages (each halves the resolution), global average pool, MLP head.
 
     channels: width of each stage, e.g. [16, 32, 64, 128]. max_translation > 0 adds a translation head
-    bounded by tanh × max_translation (image-frame units, the image spans [-1, 1]).
+    bounded by tanh × max_translation (image-frame units, the image spans [-1, 1]). max_sigma > 0 adds a
+    blur head predicting sigma in (MIN_SIGMA_PX, max_sigma) pixels.
     """
 
-    def __init__(self, channels: list[int], hidden: int, max_translation: float = 0.0, in_channels: int = 1):
+    def __init__(self, channels: list[int], hidden: int, max_translation: float = 0.0, in_channels: int = 1,
+                 max_sigma: float = 0.0):
         super().__init__()
         stages, c_in = [], in_channels
         for c_out in channels:
@@ -34,14 +49,18 @@ class PoseNet(nn.Module):
         self.rotation = nn.Linear(hidden, 6)
         self.max_translation = float(max_translation)
         self.translation = nn.Linear(hidden, 2) if self.max_translation > 0 else None
+        self.max_sigma = float(max_sigma)
+        self.sigma = nn.Linear(hidden, 1) if self.max_sigma > 0 else None
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images (B, H, W) or (B, C, H, W) -> rotations (B, 3, 3), translations (B, 2) or None."""
+    def forward(self, images: torch.Tensor) -> PosePrediction:
+        """images (B, H, W) or (B, C, H, W) -> the pose (and blur) of each image."""
         if images.dim() == 3:
             images = images[:, None]
         h = self.head(self.features(images))
         rotations = rotation_from_6d(self.rotation(h))
-        translations = None
+        translations = sigma = None
         if self.translation is not None:
             translations = torch.tanh(self.translation(h)) * self.max_translation
-        return rotations, translations
+        if self.sigma is not None:
+            sigma = MIN_SIGMA_PX + torch.sigmoid(self.sigma(h)[:, 0]) * (self.max_sigma - MIN_SIGMA_PX)
+        return PosePrediction(rotations, translations, sigma)

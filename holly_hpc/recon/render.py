@@ -50,8 +50,12 @@ def render_images(
     sigma_px: torch.Tensor | float,
     size: int,
     translations: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Render (B, size, size) images of `points` seen at `rotations` (fast separable path)."""
+    """Render (B, size, size) images of `points` seen at `rotations` (fast separable path).
+
+    weights (B, N), optional: each blob's mass (0 drops a point from that image, as a missed fluorophore).
+    """
     xy = project(points, rotations, translations)
     batch = xy.shape[0]
     s = _sigma_world(sigma_px, batch, size, xy)
@@ -60,6 +64,8 @@ def render_images(
     norm = 1.0 / (math.sqrt(2 * math.pi) * s * (size / 2.0))
     gx = _gaussian_factor((xy[..., 0:1] - cx) / s) * norm  # (B, N, W)
     gy = _gaussian_factor((xy[..., 1:2] - cy) / s) * norm  # (B, N, H)
+    if weights is not None:
+        gx = gx * weights[..., None]
     return gy.transpose(1, 2) @ gx
 
 
@@ -79,6 +85,7 @@ def render_images_reference(
     sigma_px: torch.Tensor | float,
     size: int,
     translations: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The definition, written out: sum over points of a dense 2D Gaussian per pixel."""
     xy = project(points, rotations, translations)
@@ -89,4 +96,6 @@ def render_images_reference(
     dy = xy[..., 1][:, :, None, None] - cy[None, None, :, None]  # (B, N, H, 1)
     sigma_pixels = s * (size / 2.0)
     blobs = torch.exp(-(dx**2 + dy**2) / (2 * s**2)) / (2 * math.pi * sigma_pixels**2)
+    if weights is not None:
+        blobs = blobs * weights[:, :, None, None]
     return blobs.sum(dim=1)

@@ -16,10 +16,6 @@ from ..io.mesh import read_obj_vertices
 from .geometry import random_rotations
 from .render import render_images
 
-# Built-in shapes and the symmetry their rotation error is measured modulo (see geometry.py).
-BUILTIN_SYMMETRY = {"torus": "axial"}
-
-
 def torus_points(num_points: int, major: float = 1.0, minor: float = 0.35) -> torch.Tensor:
     """Points spread evenly over a torus surface about the z axis (deterministic: a golden-angle lattice)."""
     k = torch.arange(num_points, dtype=torch.float64)
@@ -27,6 +23,51 @@ def torus_points(num_points: int, major: float = 1.0, minor: float = 0.35) -> to
     v = 2 * math.pi * ((k * (math.sqrt(5) - 1) / 2) % 1.0)  # around the tube
     ring = major + minor * torch.cos(v)
     return torch.stack((ring * torch.cos(u), ring * torch.sin(u), minor * torch.sin(v)), dim=-1)
+
+
+def nuclear_pore_points(num_points: int, rings: float = 0.35, spread: float = 0.04) -> torch.Tensor:
+    """Two stacked 8-fold rings, like a nuclear pore complex's: sites at radius 1, rings ±`rings` apart in z,
+    num_points spread over the 16 sites (deterministic jitter of `spread` around each)."""
+    sites = []
+    for z in (rings, -rings):
+        for k in range(8):
+            a = 2 * math.pi * k / 8 + (math.pi / 8 if z < 0 else 0.0)  # the rings are staggered
+            sites.append((math.cos(a), math.sin(a), z))
+    sites_t = torch.tensor(sites, dtype=torch.float64)
+    g = torch.Generator().manual_seed(8)
+    idx = torch.arange(num_points) % len(sites)
+    return sites_t[idx] + spread * torch.randn(num_points, 3, generator=g, dtype=torch.float64)
+
+
+def tetrahedron_points(num_points: int) -> torch.Tensor:
+    """Points evenly along the six edges of a regular tetrahedron."""
+    v = torch.tensor([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64)
+    edges = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    t = (torch.arange(num_points, dtype=torch.float64) // len(edges)) / max(num_points // len(edges), 1)
+    out = [v[edges[k % 6][0]] * (1 - t[k]) + v[edges[k % 6][1]] * t[k] for k in range(num_points)]
+    return torch.stack(out)
+
+
+def asymmetric_points(num_points: int) -> torch.Tensor:
+    """A fixed random cloud of five clusters of unequal sizes at unequal distances: no rotation or
+    mirror maps it onto itself."""
+    g = torch.Generator().manual_seed(1234)
+    centres = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.2, 0.7, 0.1], [-0.3, -0.2, 0.8], [-0.6, 0.5, -0.5]],
+                           dtype=torch.float64)
+    widths = torch.tensor([0.15, 0.08, 0.12, 0.05, 0.1], dtype=torch.float64)
+    share = torch.tensor([0.3, 0.15, 0.25, 0.1, 0.2])
+    which = torch.multinomial(share, num_points, replacement=True, generator=g)
+    return centres[which] + widths[which, None] * torch.randn(num_points, 3, generator=g, dtype=torch.float64)
+
+
+# Built-in shapes: their points, and the symmetry their rotation error is measured modulo (geometry.py).
+BUILTIN_SHAPES = {
+    "torus": (torus_points, "axial"),
+    "npc": (nuclear_pore_points, "none"),
+    "tetrahedron": (tetrahedron_points, "none"),
+    "asymmetric": (asymmetric_points, "none"),
+}
+BUILTIN_SYMMETRY = {name: sym for name, (_, sym) in BUILTIN_SHAPES.items()}
 
 
 def normalise_structure(points: torch.Tensor, radius: float) -> torch.Tensor:
@@ -50,9 +91,9 @@ def load_structure(name_or_path: str, num_points: int, radius: float, base_dir: 
 
     symmetry "auto" takes the built-in shape's own ("none" for an OBJ); "axial"/"none" override it.
     """
-    if name_or_path in BUILTIN_SYMMETRY:
-        raw = torus_points(num_points)
-        own_symmetry = BUILTIN_SYMMETRY[name_or_path]
+    if name_or_path in BUILTIN_SHAPES:
+        make, own_symmetry = BUILTIN_SHAPES[name_or_path]
+        raw = make(num_points)
     else:
         path = Path(name_or_path)
         if not path.is_absolute() and base_dir is not None:
@@ -63,6 +104,9 @@ def load_structure(name_or_path: str, num_points: int, radius: float, base_dir: 
     return Structure(normalise_structure(raw, radius).float(), chosen, name_or_path)
 
 
+EVAL_STREAM = 2**31  # generator position of a held-out set: never reached by a training step
+
+
 def batch_generator(seed: int, step: int) -> torch.Generator:
     """The generator for one batch: a pure function of (seed, step), so the data position is the step."""
     g = torch.Generator()
@@ -70,14 +114,55 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return g
 
 
+@dataclass(frozen=True)
+class LocalisationNoise:
+    """How real SMLM data departs from the ideal structure, drawn afresh for every image.
+
+    wobble: std of a Gaussian jitter of every point (image-frame units; the image spans [-1, 1]).
+    dropout: probability that a point is missing (fluorophore never detected).
+    spawn: probability that a site has one extra fluorophore, `spawn_spread` away (Gaussian std).
+    """
+
+    wobble: float = 0.0
+    dropout: float = 0.0
+    spawn: float = 0.0
+    spawn_spread: float = 0.02
+
+    @property
+    def active(self) -> bool:
+        return self.wobble > 0 or self.dropout > 0 or self.spawn > 0
+
+
+def noisy_points(points: torch.Tensor, batch: int, noise: LocalisationNoise,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-image copies of `points` (N, 3) with noise: points (B, M, 3) and blob weights (B, M) or None.
+
+    Dropped points keep their place with weight 0 and spawned ones are appended with weight 0 or 1, so
+    every image of the batch has the same M and the whole batch renders in one call.
+    """
+    if not noise.active:
+        return points, None
+    n = points.shape[0]
+    out = points.expand(batch, n, 3)
+    if noise.wobble > 0:
+        out = out + noise.wobble * torch.randn(batch, n, 3, generator=generator, dtype=points.dtype)
+    weights = (torch.rand(batch, n, generator=generator) >= noise.dropout).to(points.dtype)
+    if noise.spawn > 0:
+        extra = out + noise.spawn_spread * torch.randn(batch, n, 3, generator=generator, dtype=points.dtype)
+        extra_weights = (torch.rand(batch, n, generator=generator) < noise.spawn).to(points.dtype)
+        out, weights = torch.cat((out, extra), dim=1), torch.cat((weights, extra_weights), dim=1)
+    return out, weights
+
+
 def simulate_batch(
     structure: Structure,
     batch_size: int,
     image_size: int,
-    sigma_px: float,
+    sigma_px: float | torch.Tensor,
     max_translation: float,
     generator: torch.Generator,
     device: torch.device,
+    noise: LocalisationNoise | None = None,
 ) -> dict[str, torch.Tensor]:
     """Random poses (uniform on SO(3), translations uniform in ±max_translation) and their images.
 
@@ -86,7 +171,9 @@ def simulate_batch(
     """
     rotations = random_rotations(batch_size, generator)
     translations = (torch.rand(batch_size, 2, generator=generator) * 2 - 1) * max_translation
-    rotations, translations = rotations.to(device), translations.to(device)
+    points, weights = noisy_points(structure.points, batch_size, noise or LocalisationNoise(), generator)
+    rotations, translations, points = rotations.to(device), translations.to(device), points.to(device)
+    weights = None if weights is None else weights.to(device)
     with torch.no_grad():
-        images = render_images(structure.points.to(device), rotations, sigma_px, image_size, translations)
+        images = render_images(points, rotations, sigma_px, image_size, translations, weights)
     return {"images": images, "rotations": rotations, "translations": translations}

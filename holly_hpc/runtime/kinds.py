@@ -16,6 +16,7 @@ import torch
 # kind name -> "module:Class", imported only when a task of that kind runs.
 KINDS = {
     "pose": "holly_hpc.recon.pose:PoseTask",
+    "reconstruct": "holly_hpc.recon.reconstruct:ReconstructTask",
 }
 
 
@@ -41,6 +42,13 @@ class TaskKind(ABC):
     def image_grids(self) -> dict[str, torch.Tensor]:
         """Named (3, H, W) images in [0, 1] for TensorBoard, e.g. inputs above renders."""
         return {}
+
+    def point_clouds(self) -> dict[str, torch.Tensor]:
+        """Named (N, 3) point clouds for TensorBoard's mesh dashboard."""
+        return {}
+
+    def on_checkpoint(self, step: int, store) -> None:
+        """Called after each checkpoint is saved, e.g. to keep a snapshot in outputs.zarr."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

@@ -66,6 +66,13 @@ class MetricsStore:
         for key, value in metrics.items():
             self._array(key)[log_index] = float(value)
 
+    def write_slot(self, name: str, slot: int, slots: int, value) -> None:
+        """Write one entry of an array with `slots` entries along its first axis (created on first use)."""
+        value = np.asarray(value)
+        array = self.group.require_array(name, shape=(slots, *value.shape), dtype=value.dtype,
+                                         chunks=(1, *value.shape), fill_value=0)
+        array[slot] = value
+
     def write_array(self, name: str, values: np.ndarray) -> None:
         """A whole array of the task's results, replacing any earlier version."""
         values = np.asarray(values)
@@ -124,6 +131,13 @@ class TensorBoardSink:
 
     def image(self, tag: str, step: int, image: torch.Tensor) -> None:
         self.writer.add_image(tag, image, step, dataformats="CHW")
+
+    def point_cloud(self, tag: str, step: int, points: torch.Tensor) -> None:
+        """A point cloud for TensorBoard's mesh dashboard, coloured by depth so its shape reads at a glance."""
+        z = points[:, 2]
+        depth = ((z - z.min()) / (z.max() - z.min()).clamp_min(1e-9) * 200 + 55).to(torch.uint8)
+        colors = torch.stack((depth, 255 - depth, torch.full_like(depth, 128)), -1)
+        self.writer.add_mesh(tag, vertices=points[None].float(), colors=colors[None], global_step=step)
 
     def hparams(self, hparams: dict, final_metrics: dict[str, float], step: int) -> None:
         """Write hparams into this run itself: SummaryWriter.add_hparams would open a stray subfolder."""

@@ -98,16 +98,19 @@ class Trainer:
                     tb.scalars(self.step, metrics)
                     for tag, image in self.kind.image_grids().items():
                         tb.image(tag, self.step, image)
+                    for tag, points in self.kind.point_clouds().items():
+                        tb.point_cloud(tag, self.step, points)
                     store.write(self.step // self.log_every - 1, self.step, metrics)
                     self.reporter.log(self.step, metrics)
                     rate = (self.step - first) / max(time.time() - t0, 1e-9)
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                     self._print(f"step {self.step}/{self.steps}  {shown}  {rate:.1f} steps/s  "
                                 f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}")
-                if self.step % self.checkpoint_every == 0 or self.step == self.steps:
+                stopping = stop_after_step is not None and stop_after_step <= self.step < self.steps
+                if self.step % self.checkpoint_every == 0 or self.step == self.steps or stopping:
                     self.save()
-                if stop_after_step is not None and self.step >= stop_after_step and self.step < self.steps:
-                    self.save()
+                    self.kind.on_checkpoint(self.step, store)
+                if stopping:
                     return TrainResult(False, self.step, None)
             final = self.kind.write_outputs(self.paths.final, store)
             tb.hparams(flat_hparams(self.config), final, self.step)

@@ -1,0 +1,205 @@
+"""Task kind `reconstruct`: HOLLy's method. Learn an unknown 3D point cloud and every image's pose at once.
+
+A CNN predicts each image's rotation (6D), optional shift and optional blur; the learnable point cloud is
+drawn at that pose by the differentiable Gaussian renderer; an image loss trains both, the network and the
+points with separate learning rates. The blur follows a sigma curriculum: coarse images first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
+from ..runtime.kinds import TaskKind, make_lr_scheduler
+from ..runtime.outputs import image_rows, save_png, to_unit_range
+from .curriculum import sigma_at
+from .losses import image_loss
+from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
+from .posenet import PoseNet
+from .render import render_images
+from .simulate import BUILTIN_SHAPES
+from .sources import make_source
+
+N_SHOWN = 8  # images per row in the input-vs-render grids
+VIEW_SIZE = 128  # pixels of each orthogonal view of the point cloud
+
+
+def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> torch.Tensor:
+    n, scale, init = model["num_points"], model["init_scale"], model["init"]
+    if init == "cube":
+        return (torch.rand(n, 3, generator=generator) * 2 - 1) * scale
+    if init == "gaussian":
+        return torch.randn(n, 3, generator=generator) * scale
+    path = Path(init) if Path(init).is_absolute() else base_dir / init
+    vertices = torch.from_numpy(read_obj_vertices(path)).float()
+    return vertices[torch.randint(len(vertices), (n,), generator=generator)] if len(vertices) != n else vertices
+
+
+def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
+    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    return [] if path.exists() else [(config_path, f"expected an existing {what}, but {path} does not exist")]
+
+
+class ReconstructTask(TaskKind):
+    @classmethod
+    def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+        data, model = config["data"], config["model"]
+        problems: list[tuple[tuple, str]] = []
+        source = data["source"]
+        if source == "simulate":
+            structure = data["simulate"]["structure"]
+            if structure not in BUILTIN_SHAPES:
+                found = _check_path(("data", "simulate", "structure"), structure, base_dir,
+                                    f"OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})")
+                problems += found
+                if not found:
+                    try:
+                        read_obj_vertices(base_dir / structure)
+                    except MeshFormatError as exc:
+                        problems.append((("data", "simulate", "structure"), str(exc)))
+        elif source == "fits":
+            fits = data["fits"]
+            if bool(fits.get("folder")) == bool(fits.get("folders")):
+                problems.append((("data", "fits"), "expected exactly one of 'folder' (blurred on the fly) or 'folders' (one per sigma)"))
+            folders = {("folder",): fits["folder"]} if fits.get("folder") else {}
+            folders.update({("folders", sigma): f for sigma, f in (fits.get("folders") or {}).items()})
+            for key, folder in folders.items():
+                problems += _check_path(("data", "fits", *key), folder, base_dir, "folder of FITS images")
+        elif source == "localisations":
+            path = data["localisations"].get("path")
+            if not path:
+                problems.append((("data", "localisations"), "'path' is required with source: localisations"))
+            else:
+                problems += _check_path(("data", "localisations", "path"), path, base_dir, "localisation table")
+        if model["init"] not in ("cube", "gaussian"):
+            problems += _check_path(("model", "init"), model["init"], base_dir, "OBJ file, 'cube' or 'gaussian'")
+        return problems
+
+    def __init__(self, config: dict, device: torch.device, base_dir: Path):
+        self.config, self.device = config, device
+        data, model, train = config["data"], config["model"], config["train"]
+        self.source = make_source(data, config["seed"], device, base_dir)
+        self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
+                           max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0).to(device)
+        g = torch.Generator().manual_seed(config["seed"])
+        self.points = nn.Parameter(initial_points(model, base_dir, g).to(device))
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.net.parameters(), "lr": train["lr"], "weight_decay": train["weight_decay"]},
+            {"params": [self.points], "lr": train["points_lr"], "weight_decay": 0.0},
+        ])
+        self.scheduler = make_lr_scheduler(self.optimizer, train)
+        self.step_done = 0  # progress of the curriculum, restored with the checkpoint
+
+    # ------------------------------------------------------------------ training
+    def sigma(self) -> float:
+        return sigma_at(self.step_done / self.config["train"]["steps"], self.config["data"]["sigma"],
+                        self.config["data"]["sigma_end"])
+
+    def _render(self, pred, sigma: float) -> torch.Tensor:
+        used = pred.sigma if pred.sigma is not None else sigma
+        return render_images(self.points, pred.rotations, used, self.config["data"]["image_size"], pred.translations)
+
+    def _loss(self, rendered, images) -> torch.Tensor:
+        train = self.config["train"]
+        return image_loss(rendered, images, train["loss"], train["normalise"])
+
+    def train_step(self, step: int) -> dict[str, float]:
+        sigma = self.sigma()
+        batch = self.source.train_batch(step, self.config["train"]["batch_size"], sigma)
+        self.net.train()
+        pred = self.net(batch["images"])
+        loss = self._loss(self._render(pred, sigma), batch["images"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.scheduler.step()
+        self.step_done = step + 1
+        metrics = {"loss": loss.item(), "sigma": sigma, "lr": lrs[0], "lr_points": lrs[1]}
+        if pred.sigma is not None:
+            metrics["sigma_predicted"] = pred.sigma.mean().item()
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _eval(self):
+        sigma = self.sigma()
+        batch = self.source.eval_batch(sigma)
+        self.net.eval()
+        pred = self.net(batch["images"])
+        self.net.train()
+        return batch, pred, self._render(pred, sigma)
+
+    def evaluate(self) -> dict[str, float]:
+        batch, pred, rendered = self._eval()
+        metrics = {"eval_loss": self._loss(rendered, batch["images"]).item()}
+        truth = self.source.ground_truth
+        if truth is not None:
+            metrics["structure_error"] = structure_error(self.points.detach(), truth.points)
+            errors = aligned_rotation_errors(pred.rotations, batch["rotations"], truth.symmetry)
+            metrics.update(rotation_error_summary(errors))
+        return metrics
+
+    def image_grids(self) -> dict[str, torch.Tensor]:
+        batch, _, rendered = self._eval()
+        inputs = batch["images"][:N_SHOWN]
+        return {"eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered[:N_SHOWN])]),
+                "structure/views": self.orthogonal_views()}
+
+    def point_clouds(self) -> dict[str, torch.Tensor]:
+        return {"structure/points": self.points.detach().cpu()}
+
+    def orthogonal_views(self) -> torch.Tensor:
+        """The point cloud seen along z, y and x, side by side (3, H, 3W), each at a 1-pixel blur."""
+        eye = torch.eye(3, device=self.device)
+        along_y = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]], device=self.device)  # x right, z up
+        along_x = torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]], device=self.device)  # y right, z up
+        with torch.no_grad():
+            views = render_images(self.points.detach(), torch.stack((eye, along_y, along_x)), 1.0, VIEW_SIZE)
+        return image_rows([to_unit_range(views)])
+
+    # ------------------------------------------------------------------ state and outputs
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "points": self.points.detach().clone(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step_done": self.step_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        with torch.no_grad():
+            self.points.copy_(state["points"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_done = state["step_done"]
+
+    def on_checkpoint(self, step: int, store) -> None:
+        """Keep the point cloud of every checkpoint in outputs.zarr (slot = checkpoint number)."""
+        every, steps = self.config["train"]["checkpoint_every"], self.config["train"]["steps"]
+        slots = -(-steps // every)
+        slot = min(-(-step // every), slots) - 1
+        store.write_slot("structure/points_by_checkpoint", slot, slots, self.points.detach().cpu().numpy())
+        store.write_slot("structure/checkpoint_steps", slot, slots, step)
+
+    def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
+        batch, pred, _ = self._eval()
+        points = self.points.detach().cpu().numpy()
+        store.write_array("structure/points", points)
+        store.write_array("eval/rotations_pred", pred.rotations.cpu().numpy())
+        if pred.translations is not None:
+            store.write_array("eval/translations_pred", pred.translations.cpu().numpy())
+        if pred.sigma is not None:
+            store.write_array("eval/sigma_pred", pred.sigma.cpu().numpy())
+        if self.source.ground_truth is not None:
+            store.write_array("structure/ground_truth", self.source.ground_truth.points.numpy())
+            store.write_array("eval/rotations_true", batch["rotations"].cpu().numpy())
+        write_ply(final_dir / "structure.ply", points)
+        write_obj(final_dir / "structure.obj", points)
+        grids = self.image_grids()
+        save_png(final_dir / "renders.png", grids["eval/inputs_vs_renders"])
+        save_png(final_dir / "views.png", grids["structure/views"], scale=2)
+        return self.evaluate()
+

@@ -1,0 +1,185 @@
+"""Where reconstruct's images come from: a simulation, FITS files, or localisation tables.
+
+Every source hands out batches as a pure function of (seed, step) and the current curriculum sigma, so a
+resumed run sees exactly the batches an uninterrupted one would, and holds out a fixed evaluation set.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .render import render_images
+from .simulate import EVAL_STREAM, LocalisationNoise, Structure, batch_generator, load_structure, simulate_batch
+
+
+class ImageSource(ABC):
+    """Images (B, S, S) for training and evaluation; ground truth where the source knows it."""
+
+    ground_truth: Structure | None = None
+
+    @abstractmethod
+    def train_batch(self, step: int, batch_size: int, sigma: float) -> dict[str, torch.Tensor]:
+        """{"images": (B, S, S)} plus "rotations"/"translations" when the truth is known."""
+
+    @abstractmethod
+    def eval_batch(self, sigma: float) -> dict[str, torch.Tensor]:
+        """The held-out images at `sigma` (the same images at every call)."""
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+# ------------------------------------------------------------------------------------------ simulate
+class SimulatedSource(ImageSource):
+    def __init__(self, data: dict, seed: int, device: torch.device, base_dir: Path):
+        sim = data["simulate"]
+        self.ground_truth = load_structure(sim["structure"], sim["num_points"], sim["radius"], base_dir)
+        self.noise = LocalisationNoise(sim["wobble"], sim["dropout"], sim["spawn"], sim["spawn_spread"])
+        self.data, self.seed, self.device = data, seed, device
+
+    def _batch(self, position: int, size: int, sigma: float) -> dict[str, torch.Tensor]:
+        return simulate_batch(self.ground_truth, size, self.data["image_size"], sigma, self.data["max_translation"],
+                              batch_generator(self.seed, position), self.device, self.noise)
+
+    def train_batch(self, step, batch_size, sigma):
+        return self._batch(step, batch_size, sigma)
+
+    def eval_batch(self, sigma):
+        return self._batch(EVAL_STREAM, self.data["eval_size"], sigma)
+
+
+# ----------------------------------------------------------------------------------- image utilities
+def gaussian_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Blur (B, S, S) images with a normalised Gaussian (separable, ±4 sigma, zero padding)."""
+    if sigma_px <= 0:
+        return images
+    radius = max(1, math.ceil(4 * sigma_px))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.conv2d(images[:, None], kernel.view(1, 1, 1, -1), padding=(0, radius))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return out[:, 0]
+
+
+def rotate_in_plane(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, S) images about their centres by `angles` (radians), bilinear, zeros outside."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack((torch.stack((cos, -sin, zero), -1), torch.stack((sin, cos, zero), -1)), 1)
+    grid = F.affine_grid(theta.to(images.dtype), (images.shape[0], 1, *images.shape[1:]), align_corners=False)
+    return F.grid_sample(images[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def _split(n: int, eval_size: int, what: str) -> tuple[int, int]:
+    """(training count, held-out count): the last eval_size items are held out, at most a fifth of them."""
+    held = min(eval_size, n // 5)
+    if n - held < 1 or held < 1:
+        raise ValueError(f"{what}: {n} item(s) are too few to hold out an evaluation set (need at least 5)")
+    return n - held, held
+
+
+def _pick(step: int, seed: int, count: int, batch_size: int) -> tuple[torch.Tensor, torch.Generator]:
+    g = batch_generator(seed, step)
+    return torch.randint(count, (batch_size,), generator=g), g
+
+
+# --------------------------------------------------------------------------------------------- fits
+class FitsSource(ImageSource):
+    """FITS images: one folder blurred on the fly, or HOLLy's one folder per sigma (nearest one used)."""
+
+    def __init__(self, data: dict, seed: int, device: torch.device, base_dir: Path):
+        from ..io.fits import read_fits_folder, read_fits_folders_by_sigma
+
+        cfg, size = data["fits"], data["image_size"]
+        if cfg.get("folder"):
+            self.by_sigma = None
+            stack = torch.from_numpy(read_fits_folder(_resolve(cfg["folder"], base_dir), expected_size=size))
+            self.images = {0.0: stack.to(device)}
+        else:
+            stacks = read_fits_folders_by_sigma({float(k): _resolve(v, base_dir) for k, v in cfg["folders"].items()})
+            for sigma, stack in stacks.items():
+                if stack.shape[-1] != size:
+                    raise ValueError(f"FITS folder for sigma {sigma}: images are {stack.shape[-1]}², data.image_size is {size}")
+            self.images = {s: torch.from_numpy(v).to(device) for s, v in stacks.items()}
+            self.by_sigma = sorted(self.images)
+        n = next(iter(self.images.values())).shape[0]
+        self.n_train, self.n_eval = _split(n, data["eval_size"], "FITS images")
+        self.data, self.seed = data, seed
+
+    def _stack(self, sigma: float) -> tuple[torch.Tensor, bool]:
+        """The stack to use at `sigma` and whether it still needs blurring."""
+        if self.by_sigma is None:
+            return self.images[0.0], True
+        nearest = min(self.by_sigma, key=lambda s: abs(s - sigma))
+        return self.images[nearest], False
+
+    def train_batch(self, step, batch_size, sigma):
+        stack, blur = self._stack(sigma)
+        idx, g = _pick(step, self.seed, self.n_train, batch_size)
+        images = stack[idx.to(stack.device)]
+        if self.data["augment_in_plane"]:
+            images = rotate_in_plane(images, (torch.rand(batch_size, generator=g) * 2 * math.pi).to(images.device))
+        return {"images": gaussian_blur(images, sigma) if blur else images}
+
+    def eval_batch(self, sigma):
+        stack, blur = self._stack(sigma)
+        images = stack[self.n_train:self.n_train + self.n_eval]
+        return {"images": gaussian_blur(images, sigma) if blur else images}
+
+
+# ------------------------------------------------------------------------------------ localisations
+class LocalisationSource(ImageSource):
+    """Per-particle localisations (nm), rendered on the fly at random in-plane rotations and the current
+    sigma: what HOLLy needed a separate pre-render step (and tens of GB of FITS) for."""
+
+    def __init__(self, data: dict, seed: int, device: torch.device, base_dir: Path):
+        from ..io.localisations import centre_particles, read_localisations
+
+        cfg = data["localisations"]
+        table = centre_particles(read_localisations(_resolve(cfg["path"], base_dir), columns=cfg.get("columns") or None,
+                                                    dataset=cfg.get("dataset")))
+        particles = [torch.as_tensor(p, dtype=torch.float32) for _, p in sorted(table.particles.items())]
+        longest = max(len(p) for p in particles)
+        points = torch.zeros(len(particles), longest, 3)
+        weights = torch.zeros(len(particles), longest)
+        # nm -> pixels -> image frame ([-1, 1] spans image_size pixels); 2D tables get z = 0.
+        scale = 2.0 / (cfg["pixel_size_nm"] * data["image_size"])
+        for i, p in enumerate(particles):
+            points[i, :len(p), :p.shape[1]] = p * scale
+            weights[i, :len(p)] = 1.0
+        self.points, self.weights = points.to(device), weights.to(device)
+        self.n_train, self.n_eval = _split(len(particles), data["eval_size"], f"particles in {cfg['path']}")
+        self.data, self.seed, self.device = data, seed, device
+
+    def _render(self, idx: torch.Tensor, angles: torch.Tensor, sigma: float) -> torch.Tensor:
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+        spin = torch.stack((cos, -sin, zero, sin, cos, zero, zero, zero, one), -1).view(-1, 3, 3).to(self.device)
+        idx = idx.to(self.device)
+        with torch.no_grad():
+            return render_images(self.points[idx], spin, sigma, self.data["image_size"], weights=self.weights[idx])
+
+    def train_batch(self, step, batch_size, sigma):
+        idx, g = _pick(step, self.seed, self.n_train, batch_size)
+        angles = torch.rand(batch_size, generator=g) * 2 * math.pi
+        return {"images": self._render(idx, angles, sigma)}
+
+    def eval_batch(self, sigma):
+        idx = torch.arange(self.n_train, self.n_train + self.n_eval)
+        angles = torch.rand(self.n_eval, generator=batch_generator(self.seed, EVAL_STREAM)) * 2 * math.pi
+        return {"images": self._render(idx, angles, sigma)}
+
+
+SOURCES = {"simulate": SimulatedSource, "fits": FitsSource, "localisations": LocalisationSource}
+
+
+def make_source(data: dict, seed: int, device: torch.device, base_dir: Path) -> ImageSource:
+    return SOURCES[data["source"]](data, seed, device, base_dir)
