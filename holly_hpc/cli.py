@@ -206,6 +206,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(f"holly_hpc.bench.{args.what}").main(args.rest)
+
+
 def cmd_reference(args) -> int:
     from .specdoc import reference_markdown
 
@@ -262,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root")
     p.add_argument("--registry")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s)")
+    p.add_argument("what", choices=["render", "train"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reference", help="print the spec reference (markdown) generated from the schema")
     p.set_defaults(func=cmd_reference)

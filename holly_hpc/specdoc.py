@@ -10,9 +10,13 @@ SECTION_ORDER = ["(top level)", "sweep", "launch", "registry"]
 
 
 def _type_of(schema: dict) -> str:
+    if "anyOf" in schema:
+        return " or ".join(_type_of(option) for option in schema["anyOf"])
     if "enum" in schema:
         return " \\| ".join(f"`{v}`" for v in schema["enum"])
     kind = schema.get("type", "")
+    if isinstance(kind, list):
+        return " or ".join(kind)
     if kind == "array" and "items" in schema:
         return f"list of {schema['items'].get('type', 'any')}"
     return kind
@@ -41,6 +45,8 @@ def _rows(props: dict, root: dict, prefix: str, required: set) -> list[str]:
         if name in required:
             default = "**required**"
         rows.append(f"| `{prefix}{name}` | {_type_of(sub)} | {default} | {_cell(_constraints(sub))} | {_cell(sub.get('description', ''))} |")
+        if "properties" in sub:  # a nested section (data.simulate, ...): its keys follow it
+            rows += _rows(sub["properties"], root, f"{prefix}{name}.", set(sub.get("required", [])))
     return rows
 
 

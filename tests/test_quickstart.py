@@ -76,3 +76,17 @@ def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
     finally:
         tb.terminate()
         tb.wait(10)
+
+
+@pytest.mark.slow
+def test_reconstruct_cpu_spec_reaches_the_readme_structure_error(tmp_path):
+    """jobspecs/reconstruct-torus-cpu.yaml, as the README quotes it: Chamfer/diameter <= 0.05."""
+    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
+    done = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/reconstruct-torus-cpu.yaml", "--wait"], cwd=tmp_path,
+                          env=env_for_subprocess(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (metrics_file,) = (tmp_path / "runs" / "reconstruct-torus-cpu").glob("tasks/*/final/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["step"] == 4000
+    assert metrics["structure_error"] <= 0.05, metrics
+    assert metrics["rot_err_median_deg"] < 10, metrics

@@ -100,3 +100,25 @@ def test_obj_structures_and_symmetry_choice(tmp_path):
     assert load_structure("t.obj", 0, 0.7, base_dir=tmp_path, symmetry="axial").symmetry == "axial"
     assert torus.symmetry == "axial"
     assert torch.allclose(as_obj.points, torus.points, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.4, 3.0, 6.0, 10.0])
+def test_fast_and_reference_gradients_agree_including_points_near_borders(sigma):
+    g = torch.Generator().manual_seed(int(sigma * 10))
+    # Half the points sit at or beyond the image border, where blobs are cut off.
+    inner = torch.rand(10, 3, generator=g, dtype=torch.float64) * 1.2 - 0.6
+    border = torch.tensor([[1.0, 0.2, 0.1], [-0.98, -0.99, 0.0], [0.3, 1.05, -0.2], [0.0, -1.0, 0.5], [1.1, 1.1, 0.0]],
+                          dtype=torch.float64)
+    rotations = random_rotations(3, g, dtype=torch.float64)
+    weights = torch.rand(3, 15, generator=g, dtype=torch.float64)
+    target = torch.rand(3, 20, 20, generator=g, dtype=torch.float64)
+    grads = []
+    for render in (render_images, render_images_reference):
+        points = torch.cat((inner, border)).requires_grad_(True)
+        translations = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+        w = weights.clone().requires_grad_(True)
+        image = render(points, rotations, sigma, 20, translations, w)
+        ((image - target) ** 2).sum().backward()
+        grads.append((image.detach(), points.grad, translations.grad, w.grad))
+    for fast, ref in zip(*grads):
+        assert torch.allclose(fast, ref, rtol=1e-9, atol=1e-12)

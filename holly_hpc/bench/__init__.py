@@ -1,0 +1,1 @@
+"""Benchmarks behind `holly-hpc bench …`: each module has `run(...) -> list[dict]` and `main(argv) -> int`."""
