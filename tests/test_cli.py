@@ -9,9 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
 from holly_hpc.experiment import Experiment, freeze
@@ -21,7 +19,7 @@ from holly_hpc.runtime.task import run_task
 from holly_hpc.spec import load_spec
 from holly_hpc.sweep import expand
 
-from .conftest import REPO, env_for_subprocess, holly_hpc_exe
+from .conftest import env_for_subprocess, holly_hpc_exe
 
 SWEEP3 = {"sweep": {"grid": {"train.lr": [0.003, 0.001, 0.0003]}}}
 

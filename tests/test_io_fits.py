@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from holly_hpc.io.fits import ImageFormatError, list_fits, read_fits_folder, read_fits_folders_by_sigma, read_fits_image
+from holly_hpc.io.fits import (
+    ImageFormatError,
+    list_fits,
+    read_fits_folder,
+    read_fits_folders_by_sigma,
+    read_fits_image,
+)
 
 
 def _write(path, data):

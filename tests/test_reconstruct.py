@@ -8,16 +8,26 @@ import math
 import numpy as np
 import pytest
 import torch
-import zarr
 import yaml
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holly_hpc.experiment import freeze
 from holly_hpc.recon.curriculum import sigma_at
 from holly_hpc.recon.geometry import random_rotations
-from holly_hpc.recon.metrics import aligned_rotation_errors, align_similarity, chamfer, structure_error
-from holly_hpc.recon.simulate import BUILTIN_SHAPES, LocalisationNoise, load_structure, noisy_points
+from holly_hpc.recon.metrics import (
+    align_similarity,
+    aligned_rotation_errors,
+    chamfer,
+    structure_error,
+)
+from holly_hpc.recon.simulate import (
+    BUILTIN_SHAPES,
+    LocalisationNoise,
+    load_structure,
+    noisy_points,
+)
 from holly_hpc.recon.sources import gaussian_blur, make_source, rotate_in_plane
 from holly_hpc.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from holly_hpc.runtime.kinds import get_kind
@@ -281,3 +291,30 @@ def test_outputs_tensorboard_mesh_zarr_and_final_files(tmp_path, cli):
     assert (task_dir / "final" / "views.png").exists()
     table = dict(line.split() for line in out.splitlines()[2:])
     assert float(table["structure_error"]) == pytest.approx(result.final_metrics["structure_error"], rel=1e-5)
+
+
+def test_simulated_in_plane_augmentation_spins_the_pose_and_keeps_the_truth(tmp_path):
+    from holly_hpc.recon.render import render_images
+
+    spec = _spec(tmp_path, data={"augment_in_plane": True})
+    data = expand(spec)[0].config["data"]
+    source = make_source(data, 3, torch.device("cpu"), spec.base_dir)
+    batch = source.train_batch(4, 6, 2.0)
+    # The images are the renders of the truth at the returned (spun) rotations.
+    again = render_images(source.ground_truth.points, batch["rotations"], 2.0, data["image_size"], batch["translations"])
+    assert torch.allclose(batch["images"], again, atol=1e-6)
+    plain = make_source({**data, "augment_in_plane": False}, 3, torch.device("cpu"), spec.base_dir).train_batch(4, 6, 2.0)
+    assert not torch.allclose(plain["rotations"], batch["rotations"])
+    # A spin about the view axis: the third row (the depth direction of each body axis) is unchanged.
+    assert torch.allclose(plain["rotations"][:, 2], batch["rotations"][:, 2], atol=1e-6)
+
+
+def test_points_can_start_from_an_obj(tmp_path):
+    from holly_hpc.io.mesh import write_obj
+
+    write_obj(tmp_path / "start.obj", load_structure("npc", 60, 0.5).points.numpy())
+    config = expand(_spec(tmp_path, model={"init": "start.obj"}))[0].config
+    kind = get_kind("reconstruct")(config, torch.device("cpu"), tmp_path)
+    assert torch.allclose(kind.points.detach(), load_structure("npc", 60, 0.5).points, atol=1e-5)
+    with pytest.raises(SpecError, match="model.init: expected an existing OBJ file"):
+        _spec(tmp_path, name="noinit", model={"init": "missing.obj"})

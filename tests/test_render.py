@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from holly_hpc.recon.geometry import random_rotations
 from holly_hpc.recon.render import render_images, render_images_reference
-from holly_hpc.recon.simulate import load_structure, simulate_batch, batch_generator
+from holly_hpc.recon.simulate import batch_generator, load_structure, simulate_batch
 
 
 def _scene(seed: int, batch: int, n: int, dtype):

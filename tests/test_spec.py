@@ -12,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from holly_hpc.runtime.kinds import KINDS
-from holly_hpc.spec import KIND_NAMES, SpecError, apply_defaults, load_schema, load_spec, sweepable_paths
+from holly_hpc.spec import (
+    KIND_NAMES,
+    SpecError,
+    apply_defaults,
+    load_schema,
+    load_spec,
+    sweepable_paths,
+)
 
 from .conftest import REPO
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,11 @@ import zarr
 
 from holly_hpc.experiment import freeze
 from holly_hpc.registry import open_registry
-from holly_hpc.runtime.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from holly_hpc.runtime.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from holly_hpc.runtime.task import run_task
 from holly_hpc.spec import load_spec
 from holly_hpc.sweep import expand

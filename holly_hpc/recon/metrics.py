@@ -12,7 +12,12 @@ import itertools
 
 import torch
 
-from .geometry import DEPTH_MIRROR, axial_error_deg, geodesic_angle_deg, random_rotations
+from .geometry import (
+    DEPTH_MIRROR,
+    axial_error_deg,
+    geodesic_angle_deg,
+    random_rotations,
+)
 
 
 def rotation_error_summary(errors_deg: torch.Tensor) -> dict[str, float]:

@@ -21,7 +21,14 @@ from .losses import image_loss
 from .metrics import rotation_error_summary
 from .posenet import PoseNet
 from .render import render_images
-from .simulate import BUILTIN_SYMMETRY, EVAL_STREAM, batch_generator, load_structure, simulate_batch
+from .simulate import (
+    BUILTIN_SYMMETRY,
+    EVAL_STREAM,
+    batch_generator,
+    load_structure,
+    simulate_batch,
+)
+
 N_SHOWN = 8  # images per row in the input-vs-render grids
 
 

@@ -16,6 +16,7 @@ from ..io.mesh import read_obj_vertices
 from .geometry import random_rotations
 from .render import render_images
 
+
 def torus_points(num_points: int, major: float = 1.0, minor: float = 0.35) -> torch.Tensor:
     """Points spread evenly over a torus surface about the z axis (deterministic: a golden-angle lattice)."""
     k = torch.arange(num_points, dtype=torch.float64)
@@ -114,6 +115,13 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return g
 
 
+def in_plane_rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Rotations (B, 3, 3) about the view axis z by `angles` (radians)."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    zero, one = torch.zeros_like(cos), torch.ones_like(cos)
+    return torch.stack((cos, -sin, zero, sin, cos, zero, zero, zero, one), -1).view(-1, 3, 3)
+
+
 @dataclass(frozen=True)
 class LocalisationNoise:
     """How real SMLM data departs from the ideal structure, drawn afresh for every image.
@@ -163,15 +171,22 @@ def simulate_batch(
     generator: torch.Generator,
     device: torch.device,
     noise: LocalisationNoise | None = None,
+    spin: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Random poses (uniform on SO(3), translations uniform in ±max_translation) and their images.
 
     Random numbers are drawn on the CPU from `generator` so a batch is identical on every device; the
     rendering runs on `device`, batched, with no per-image loop.
+
+    spin: in-plane augmentation. For a simulated image it is exactly a spin of the pose about the view
+    axis, applied before rendering: no resampling, and the returned rotations include it. Its angles are
+    drawn last, so the same (seed, step) gives the same poses and noise with or without it.
     """
     rotations = random_rotations(batch_size, generator)
     translations = (torch.rand(batch_size, 2, generator=generator) * 2 - 1) * max_translation
     points, weights = noisy_points(structure.points, batch_size, noise or LocalisationNoise(), generator)
+    if spin:
+        rotations = in_plane_rotations(torch.rand(batch_size, generator=generator) * 2 * math.pi) @ rotations
     rotations, translations, points = rotations.to(device), translations.to(device), points.to(device)
     weights = None if weights is None else weights.to(device)
     with torch.no_grad():

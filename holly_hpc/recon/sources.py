@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from .render import render_images
-from .simulate import EVAL_STREAM, LocalisationNoise, Structure, batch_generator, load_structure, simulate_batch
+from .simulate import (
+    EVAL_STREAM,
+    LocalisationNoise,
+    Structure,
+    batch_generator,
+    in_plane_rotations,
+    load_structure,
+    simulate_batch,
+)
 
 
 class ImageSource(ABC):
@@ -44,12 +52,12 @@ class SimulatedSource(ImageSource):
         self.noise = LocalisationNoise(sim["wobble"], sim["dropout"], sim["spawn"], sim["spawn_spread"])
         self.data, self.seed, self.device = data, seed, device
 
-    def _batch(self, position: int, size: int, sigma: float) -> dict[str, torch.Tensor]:
+    def _batch(self, position: int, size: int, sigma: float, spin: bool = False) -> dict[str, torch.Tensor]:
         return simulate_batch(self.ground_truth, size, self.data["image_size"], sigma, self.data["max_translation"],
-                              batch_generator(self.seed, position), self.device, self.noise)
+                              batch_generator(self.seed, position), self.device, self.noise, spin)
 
     def train_batch(self, step, batch_size, sigma):
-        return self._batch(step, batch_size, sigma)
+        return self._batch(step, batch_size, sigma, spin=self.data["augment_in_plane"])
 
     def eval_batch(self, sigma):
         return self._batch(EVAL_STREAM, self.data["eval_size"], sigma)
@@ -160,9 +168,7 @@ class LocalisationSource(ImageSource):
         self.data, self.seed, self.device = data, seed, device
 
     def _render(self, idx: torch.Tensor, angles: torch.Tensor, sigma: float) -> torch.Tensor:
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        zero, one = torch.zeros_like(cos), torch.ones_like(cos)
-        spin = torch.stack((cos, -sin, zero, sin, cos, zero, zero, zero, one), -1).view(-1, 3, 3).to(self.device)
+        spin = in_plane_rotations(angles).to(self.device)
         idx = idx.to(self.device)
         with torch.no_grad():
             return render_images(self.points[idx], spin, sigma, self.data["image_size"], weights=self.weights[idx])

@@ -9,9 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .kinds import TaskKind
-from .outputs import MetricsStore, TaskPaths, TensorBoardSink, flat_hparams, write_json_atomic
+from .outputs import (
+    MetricsStore,
+    TaskPaths,
+    TensorBoardSink,
+    flat_hparams,
+    write_json_atomic,
+)
 
 
 class RegistryReporter:
