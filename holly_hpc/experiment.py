@@ -54,6 +54,14 @@ class Experiment:
         return self.plan["launch"]
 
     @property
+    def resources(self) -> dict:
+        return self.plan["resources"]
+
+    @property
+    def container(self) -> dict | None:
+        return self.plan.get("container")
+
+    @property
     def spec_dir(self) -> Path:
         return Path(self.plan["spec_dir"])
 
@@ -85,6 +93,8 @@ def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) ->
         "output_root": str(output_root.resolve()),
         "registry_url": registry_url,
         "launch": spec.resolved["launch"],
+        "resources": spec.resolved["resources"],
+        "container": spec.resolved.get("container"),
         "tasks": [t.to_json() for t in tasks],
     }
 

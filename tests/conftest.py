@@ -19,7 +19,8 @@ TINY = {
     "data": {"structure": "torus", "num_points": 40, "image_size": 16, "sigma": 1.2, "eval_size": 16},
     "model": {"channels": [8, 16], "hidden": 16},
     "train": {"steps": 20, "batch_size": 8, "lr": 0.003, "log_every": 5, "checkpoint_every": 10, "keep_checkpoints": 2},
-    "launch": {"cluster": "local", "array_parallelism": 2, "timeout_min": 10, "threads": 1},
+    "launch": {"cluster": "local", "array_parallelism": 2, "threads": 1},
+    "resources": {"time": 10},
 }
 
 

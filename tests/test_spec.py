@@ -55,7 +55,7 @@ def test_all_errors_listed_with_file_line_column_and_key_path(write_spec):
         f"{path}:7:10: data.sigma: expected a value > 0, got -1",
         f"{path}:9:3: train.lrr: unknown key 'lrr'; did you mean 'lr'?",
         f"{path}:10:10: train.steps: expected an integer, got a string (\"many\")",
-        f"{path}:12:12: launch.cluster: expected one of \"local\", \"debug\", got a string (\"slurmm\")",
+        f"{path}:12:12: launch.cluster: expected one of \"local\", \"debug\", \"slurm\", got a string (\"slurmm\")",
     ]
 
 
@@ -144,7 +144,9 @@ def test_defaults_come_from_the_schema(write_spec):
     assert r["data"]["image_size"] == 32 and r["data"]["structure"] == "torus"
     assert r["model"]["channels"] == [16, 32, 64, 128]
     assert r["train"]["steps"] == 1000 and r["train"]["loss"] == "l2" and r["train"]["lr_schedule"] == "constant"
-    assert r["launch"] == {"cluster": "local", "array_parallelism": 1, "timeout_min": 120, "threads": 0}
+    assert r["launch"] == {"cluster": "local", "array_parallelism": 1, "threads": 0}
+    assert r["resources"] == {"time": 120, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "extra": {}}
+    assert "container" not in r
     assert r["sweep"] == {"grid": {}, "zip": {}, "seeds": 1}
 
 

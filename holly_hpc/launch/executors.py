@@ -49,7 +49,8 @@ class LocalLauncher(Launcher):
         # The local controller's clock starts when the process starts, including the wait for a slot,
         # so each process gets the per-task limit times the number of waves ahead of it.
         waves = math.ceil(len(indices) / max(1, launch["array_parallelism"]))
-        executor.update_parameters(timeout_min=launch["timeout_min"] * waves + 1)
+        executor.update_parameters(timeout_min=experiment.resources["time"] * waves + 1,
+                                   tasks_per_node=experiment.resources["tasks_per_node"])
         with _controllers_in_own_session():
             jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
         return [LaunchedTask(i, str(job.job_id), job) for i, job in zip(indices, jobs)]

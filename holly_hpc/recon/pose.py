@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
-from ..runtime.kinds import TaskKind, make_lr_scheduler
+from ..runtime.distributed import DistInfo
+from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .geometry import rotation_error_deg
 from .losses import image_loss
@@ -47,13 +48,14 @@ class PoseTask(TaskKind):
             return [(("data", "structure"), str(exc))]
         return []
 
-    def __init__(self, config: dict, device: torch.device, base_dir: Path):
-        self.config, self.device = config, device
+    def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
+        self.config, self.device, self.dist = config, device, dist or DistInfo()
         data, model, train = config["data"], config["model"], config["train"]
         self.structure = load_structure(data["structure"], data["num_points"], data["radius"], base_dir,
                                         data["symmetry"])
         self.points = self.structure.points.to(device)
         self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"]).to(device)
+        self.trained = wrap_ddp(self.net, self.dist, device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self.eval_set = self._batch(EVAL_STREAM, data["eval_size"])
@@ -72,9 +74,9 @@ class PoseTask(TaskKind):
         return render_images(self.points, rotations, data["sigma"], data["image_size"], translations)
 
     def train_step(self, step: int) -> dict[str, float]:
-        batch = self._batch(step, self.config["train"]["batch_size"])
+        batch = self.dist.shard(self._batch(step, self.config["train"]["batch_size"]))
         self.net.train()
-        pred = self.net(batch["images"])
+        pred = self.trained(batch["images"])
         loss = image_loss(self._render(pred.rotations, pred.translations), batch["images"], self.config["train"]["loss"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
-from ..runtime.kinds import TaskKind, make_lr_scheduler
+from ..runtime.distributed import DistInfo
+from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .curriculum import sigma_at
 from .losses import image_loss
@@ -42,6 +43,19 @@ def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> t
 def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
     path = Path(value) if Path(value).is_absolute() else base_dir / value
     return [] if path.exists() else [(config_path, f"expected an existing {what}, but {path} does not exist")]
+
+
+class ReconstructModel(nn.Module):
+    """The pose network and the learnable point cloud as one module, so DDP can wrap (and sync) both."""
+
+    def __init__(self, net: PoseNet, points: torch.Tensor, image_size: int):
+        super().__init__()
+        self.net, self.points, self.image_size = net, nn.Parameter(points), image_size
+
+    def forward(self, images: torch.Tensor, sigma: float):
+        pred = self.net(images)
+        used = pred.sigma if pred.sigma is not None else sigma
+        return pred, render_images(self.points, pred.rotations, used, self.image_size, pred.translations)
 
 
 class ReconstructTask(TaskKind):
@@ -79,14 +93,17 @@ class ReconstructTask(TaskKind):
             problems += _check_path(("model", "init"), model["init"], base_dir, "OBJ file, 'cube' or 'gaussian'")
         return problems
 
-    def __init__(self, config: dict, device: torch.device, base_dir: Path):
-        self.config, self.device = config, device
+    def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
+        self.config, self.device, self.dist = config, device, dist or DistInfo()
         data, model, train = config["data"], config["model"], config["train"]
         self.source = make_source(data, config["seed"], device, base_dir)
-        self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
-                           max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0).to(device)
+        net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
+                      max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0)
         g = torch.Generator().manual_seed(config["seed"])
-        self.points = nn.Parameter(initial_points(model, base_dir, g).to(device))
+        self.model = ReconstructModel(net, initial_points(model, base_dir, g), data["image_size"]).to(device)
+        self.net, self.points = self.model.net, self.model.points
+        # DDP averages the gradients of the network and the points across ranks.
+        self.trained = wrap_ddp(self.model, self.dist, device)
         self.optimizer = torch.optim.AdamW([
             {"params": self.net.parameters(), "lr": train["lr"], "weight_decay": train["weight_decay"]},
             {"params": [self.points], "lr": train["points_lr"], "weight_decay": 0.0},
@@ -99,9 +116,6 @@ class ReconstructTask(TaskKind):
         return sigma_at(self.step_done / self.config["train"]["steps"], self.config["data"]["sigma"],
                         self.config["data"]["sigma_end"])
 
-    def _render(self, pred, sigma: float) -> torch.Tensor:
-        used = pred.sigma if pred.sigma is not None else sigma
-        return render_images(self.points, pred.rotations, used, self.config["data"]["image_size"], pred.translations)
 
     def _loss(self, rendered, images) -> torch.Tensor:
         train = self.config["train"]
@@ -109,10 +123,10 @@ class ReconstructTask(TaskKind):
 
     def train_step(self, step: int) -> dict[str, float]:
         sigma = self.sigma()
-        batch = self.source.train_batch(step, self.config["train"]["batch_size"], sigma)
-        self.net.train()
-        pred = self.net(batch["images"])
-        loss = self._loss(self._render(pred, sigma), batch["images"])
+        batch = self.dist.shard(self.source.train_batch(step, self.config["train"]["batch_size"], sigma))
+        self.model.train()
+        pred, rendered = self.trained(batch["images"], sigma)
+        loss = self._loss(rendered, batch["images"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -129,10 +143,10 @@ class ReconstructTask(TaskKind):
     def _eval(self):
         sigma = self.sigma()
         batch = self.source.eval_batch(sigma)
-        self.net.eval()
-        pred = self.net(batch["images"])
-        self.net.train()
-        return batch, pred, self._render(pred, sigma)
+        self.model.eval()
+        pred, rendered = self.model(batch["images"], sigma)  # the unwrapped module: no collective ops
+        self.model.train()
+        return batch, pred, rendered
 
     def evaluate(self) -> dict[str, float]:
         batch, pred, rendered = self._eval()

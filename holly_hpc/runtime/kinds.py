@@ -29,7 +29,9 @@ class TaskKind(ABC):
         return []
 
     @abstractmethod
-    def __init__(self, config: dict, device: torch.device, base_dir: Path): ...
+    def __init__(self, config: dict, device: torch.device, base_dir: Path, dist=None):
+        """dist: a runtime.distributed.DistInfo; with several ranks the kind wraps its trained module with
+        wrap_ddp and trains on dist.shard(batch)."""
 
     @abstractmethod
     def train_step(self, step: int) -> dict[str, float]:
@@ -73,6 +75,16 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> torch.op
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def wrap_ddp(module: torch.nn.Module, dist, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when several ranks train, else the module itself."""
+    if dist is None or not dist.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index or 0] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
 
 
 def get_kind(name: str) -> type[TaskKind]:

@@ -15,13 +15,18 @@ import submitit
 
 from ..experiment import Experiment
 from ..registry import open_registry
+from .distributed import DistInfo, setup_distributed, teardown_distributed
+from .preemption import Preempted, StopRequest, exit_for_requeue
 
 
-def select_device(name: str):
+def select_device(name: str, local_rank: int | None = None):
+    """The spec's device; with several ranks on a node, rank r takes GPU r."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but CUDA is not available on {socket.gethostname()}")
@@ -83,7 +88,8 @@ def current_job_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-def run_task(experiment: Experiment, index: int, registry=None, stop_after_step: int | None = None, out=None):
+def run_task(experiment: Experiment, index: int, registry=None, stop_after_step: int | None = None, out=None,
+             stop: StopRequest | None = None, dist: DistInfo | None = None):
     """Build the task's kind from its frozen config and train it (resuming from its last checkpoint)."""
     import torch
 
@@ -92,16 +98,41 @@ def run_task(experiment: Experiment, index: int, registry=None, stop_after_step:
     from .outputs import TaskPaths
     from .trainer import RegistryReporter, Trainer
 
+    dist = dist or DistInfo()
     task = experiment.task(index)
     config = task.config
     torch.set_num_threads(cpu_threads(experiment.launch, len(experiment.plan["tasks"])))
-    device = select_device(config["device"])
+    device = select_device(config["device"], dist.local_rank if dist.active else None)
     # Seed before building the model so initial weights are a function of the task seed alone.
     seed_everything(task.seed)
-    kind = get_kind(config["kind"])(config, device, experiment.spec_dir)
-    trainer = Trainer(kind, config, TaskPaths(experiment.task_dir(index)),
-                      RegistryReporter(registry, experiment.name, index), label=task.task_id, out=out)
-    return trainer.run(stop_after_step=stop_after_step)
+    kind = get_kind(config["kind"])(config, device, experiment.spec_dir, dist)
+    reporter = RegistryReporter(registry if dist.is_main else None, experiment.name, index)
+    trainer = Trainer(kind, config, TaskPaths(experiment.task_dir(index)), reporter, label=task.task_id, out=out,
+                      stop=stop, dist=dist)
+    result = trainer.run(stop_after_step=stop_after_step)
+    if dist.active:
+        write_rank_digest(experiment.task_dir(index), dist, kind)
+    return result
+
+
+def write_rank_digest(task_dir: Path, dist: DistInfo, kind) -> None:
+    """ranks/rank-<r>.json: a checksum of this rank's final parameters, so anyone can check the ranks agree."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for name, value in sorted(kind.state_dict().items()):
+        if isinstance(value, dict) and name != "optimizer" and name != "scheduler":
+            for key, tensor in sorted(value.items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        elif hasattr(value, "numpy"):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    folder = task_dir / "ranks"
+    folder.mkdir(exist_ok=True)
+    (folder / f"rank-{dist.rank}.json").write_text(json.dumps({"rank": dist.rank, "world": dist.world,
+                                                              "params_sha256": digest.hexdigest()}))
 
 
 class TaskRunner(submitit.helpers.Checkpointable):
@@ -114,38 +145,57 @@ class TaskRunner(submitit.helpers.Checkpointable):
         self._requeued = False
 
     def __call__(self) -> dict:
+        stop = StopRequest().install()  # before anything slow: a signal during set-up is not lost
         experiment = Experiment.load(self.experiment_dir)
-        registry = open_registry(experiment.registry_url)
-        slot = local_slot(experiment) if os.environ.get("SUBMITIT_EXECUTOR") == "local" else contextlib.nullcontext()
-        with task_lock(experiment.task_dir(self.task_index)) as owned:
-            if not owned:
-                # A resubmission launched this task again while an earlier launch still holds it.
-                print(f"task {self.task_index} is already queued or running in another process; nothing to do")
-                return {"skipped": "already running"}
-            with slot:
-                return self._run(experiment, registry)
-
-    def _run(self, experiment: Experiment, registry) -> dict:
-        self._attempt = registry.start_attempt(experiment.name, self.task_index, current_job_id(),
-                                               socket.gethostname(), os.getpid())
+        dist = setup_distributed(_device_type(experiment.task(self.task_index).config["device"]))
         try:
-            result = run_task(experiment, self.task_index, registry)
+            if not dist.is_main:  # other ranks train alongside rank 0, which owns the task's bookkeeping
+                return self._train(experiment, None, stop, dist)
+            registry = open_registry(experiment.registry_url)
+            local = os.environ.get("SUBMITIT_EXECUTOR") == "local" and not dist.active
+            with task_lock(experiment.task_dir(self.task_index)) as owned:
+                if not owned:
+                    # A resubmission launched this task again while an earlier launch still holds it.
+                    print(f"task {self.task_index} is already queued or running in another process; nothing to do")
+                    return {"skipped": "already running"}
+                with local_slot(experiment) if local else contextlib.nullcontext():
+                    return self._run(experiment, registry, stop, dist)
+        finally:
+            teardown_distributed()
+
+    def _train(self, experiment, registry, stop, dist) -> dict:
+        try:
+            result = run_task(experiment, self.task_index, registry, stop=stop, dist=dist)
+        except Preempted:
+            if exit_for_requeue() is False:
+                raise
+        return result.final_metrics or {}
+
+    def _run(self, experiment: Experiment, registry, stop: StopRequest, dist: DistInfo) -> dict:
+        name, index = experiment.name, self.task_index
+        self._attempt = registry.start_attempt(name, index, current_job_id(), socket.gethostname(), os.getpid())
+        try:
+            result = run_task(experiment, index, registry, stop=stop, dist=dist)
+        except Preempted as exc:
+            registry.end_attempt(name, index, self._attempt, "preempted", str(exc))
+            registry.set_state(name, index, "pending", f"requeued: {exc}")
+            if exit_for_requeue() is False:
+                raise
         except BaseException as exc:
             if self._requeued:
                 raise  # submitit's requeue exit after checkpoint(): the run is pending again, not failed
             cancelled = isinstance(exc, KeyboardInterrupt)
             error = "cancelled" if cancelled else traceback.format_exc(limit=20)
-            registry.end_attempt(experiment.name, self.task_index, self._attempt,
-                                 "cancelled" if cancelled else "failed", error)
-            registry.finish(experiment.name, self.task_index, "cancelled" if cancelled else "failed", None, error)
+            registry.end_attempt(name, index, self._attempt, "cancelled" if cancelled else "failed", error)
+            registry.finish(name, index, "cancelled" if cancelled else "failed", None, error)
             raise
-        registry.end_attempt(experiment.name, self.task_index, self._attempt, "completed")
-        registry.finish(experiment.name, self.task_index, "succeeded", result.final_metrics, None)
+        registry.end_attempt(name, index, self._attempt, "completed")
+        registry.finish(name, index, "succeeded", result.final_metrics, None)
         return result.final_metrics
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on SIGUSR2 (time limit or preemption): requeue this same task. The requeued
-        attempt resumes from the task's latest periodic checkpoint, so the result is unchanged."""
+        """Called only if submitit's own SIGUSR2 handler fires (before __call__ installed ours): requeue this
+        same task; the requeued attempt resumes from the task's latest periodic checkpoint."""
         self._requeued = True
         if self._attempt is not None:
             with contextlib.suppress(Exception):
@@ -154,3 +204,11 @@ class TaskRunner(submitit.helpers.Checkpointable):
                 registry.end_attempt(experiment.name, self.task_index, self._attempt, "preempted")
                 registry.set_state(experiment.name, self.task_index, "pending", "requeued after SIGUSR2")
         return submitit.helpers.DelayedSubmission(TaskRunner(self.experiment_dir, self.task_index))
+
+
+def _device_type(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name.split(":")[0]

@@ -16,6 +16,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .distributed import DistInfo
 from .kinds import TaskKind
 from .outputs import (
     MetricsStore,
@@ -24,6 +25,7 @@ from .outputs import (
     flat_hparams,
     write_json_atomic,
 )
+from .preemption import Preempted, StopRequest
 
 
 class RegistryReporter:
@@ -64,8 +66,10 @@ def format_eta(seconds: float) -> str:
 
 class Trainer:
     def __init__(self, kind: TaskKind, config: dict, paths: TaskPaths, reporter: RegistryReporter | None = None,
-                 label: str = "task", out: TextIO | None = None):
+                 label: str = "task", out: TextIO | None = None, stop: StopRequest | None = None,
+                 dist: DistInfo | None = None):
         self.kind, self.config, self.paths = kind, config, paths.make()
+        self.stop, self.dist = stop or StopRequest(), dist or DistInfo()
         self.reporter = reporter or RegistryReporter(None, "", 0)
         self.label, self.out = label, out or sys.stdout
         train = config["train"]
@@ -74,7 +78,9 @@ class Trainer:
         self.step = 0  # steps completed
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None  # one writer: every rank holds the same state
         payload = {"step": self.step, "kind": self.kind.state_dict(), "rng": rng_state(),
                    "config_seed": self.config["seed"]}
         return save_checkpoint(self.paths.checkpoints, self.step, payload, self.keep)
@@ -92,20 +98,23 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _print(self, message: str) -> None:
+        if not self.dist.is_main:
+            return
         print(f"[{self.label}] {message}", file=self.out, flush=True)
 
     def run(self, stop_after_step: int | None = None) -> TrainResult:
         """Train to train.steps (or stop, with a checkpoint, after `stop_after_step`, to simulate preemption)."""
         self.resume()
         n_logs = self.steps // self.log_every
-        store = MetricsStore(self.paths.zarr, n_logs)
-        tb = TensorBoardSink(self.paths.tb)
+        main = self.dist.is_main
+        store = MetricsStore(self.paths.zarr, n_logs) if main else None
+        tb = TensorBoardSink(self.paths.tb) if main else None
         try:
             t0, first = time.time(), self.step
             while self.step < self.steps:
                 metrics = self.kind.train_step(self.step)
                 self.step += 1
-                if self.step % self.log_every == 0:
+                if self.step % self.log_every == 0 and main:
                     metrics.update(self.kind.evaluate())
                     tb.scalars(self.step, metrics)
                     for tag, image in self.kind.image_grids().items():
@@ -119,15 +128,22 @@ class Trainer:
                     self._print(f"step {self.step}/{self.steps}  {shown}  {rate:.1f} steps/s  "
                                 f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}")
                 stopping = stop_after_step is not None and stop_after_step <= self.step < self.steps
-                if self.step % self.checkpoint_every == 0 or self.step == self.steps or stopping:
-                    self.save()
-                    self.kind.on_checkpoint(self.step, store)
+                preempted = self.dist.any(self.stop.requested) and self.step < self.steps
+                if self.step % self.checkpoint_every == 0 or self.step == self.steps or stopping or preempted:
+                    if self.save() is not None:
+                        self.kind.on_checkpoint(self.step, store)
+                if preempted:
+                    self._print(f"checkpointed step {self.step} after {self.stop.signal_name or 'a stop request'}")
+                    raise Preempted(self.step, self.stop.signal_name or "a stop request on another rank")
                 if stopping:
                     return TrainResult(False, self.step, None)
+            if not main:
+                return TrainResult(True, self.step, None)
             final = self.kind.write_outputs(self.paths.final, store)
             tb.hparams(flat_hparams(self.config), final, self.step)
             write_json_atomic(self.paths.final / "metrics.json", {"step": self.step, **final})
             self._print("done  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
             return TrainResult(True, self.step, final)
         finally:
-            tb.close()
+            if tb is not None:
+                tb.close()
