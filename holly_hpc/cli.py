@@ -120,11 +120,42 @@ def _check_registry(registry) -> None:
                                 f"(pass --output-root or --registry, or an experiment folder)")
 
 
-def _status_table(runs) -> None:
+def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
+    """One line per task; with `scheduler` (job id -> SLURM state) a job column, and a task the registry
+    still counts as pending/running but SLURM has ended shows SLURM's verdict."""
     now = time.time()
-    _table(["experiment", "task", "state", "attempts", "step", "loss", "elapsed"],
-           [[r.experiment, r.task_id, r.state, r.attempts, "-" if r.last_step is None else r.last_step,
-             "-" if r.last_loss is None else f"{r.last_loss:.4g}", _duration(r.elapsed(now))] for r in runs])
+    headers = ["experiment", "task", "state", "attempts", "step", "loss", "elapsed"]
+    rows = []
+    for r in runs:
+        state = r.state
+        row = [r.experiment, r.task_id, state, r.attempts, "-" if r.last_step is None else r.last_step,
+               "-" if r.last_loss is None else f"{r.last_loss:.4g}", _duration(r.elapsed(now))]
+        if scheduler is not None:
+            slurm_state = scheduler.get(r.job_id or "", "-")
+            if state in ("pending", "running") and slurm_state in _ENDED_ON_SLURM:
+                row[2] = _ENDED_ON_SLURM[slurm_state]
+            row += [r.job_id or "-", slurm_state]
+        rows.append(row)
+    _table(headers + (["job", "slurm"] if scheduler is not None else []), rows)
+
+
+# SLURM end states that mean a task the registry still calls pending/running will not report any more.
+_ENDED_ON_SLURM = {"CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed",
+                   "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+
+
+def _slurm_states(runs) -> dict[str, str] | None:
+    """SLURM states of the runs' jobs when they were submitted to SLURM (job ids like 123_4)."""
+    ids = [r.job_id for r in runs if r.job_id and "_" in r.job_id and r.job_id.split("_")[0].isdigit()]
+    if not ids:
+        return None
+    from .launch.slurm import SlurmError, job_states
+
+    try:
+        return job_states(ids)
+    except (SlurmError, OSError) as exc:
+        print(f"warning: SLURM state unavailable ({exc})", file=sys.stderr)
+        return None
 
 
 def cmd_status(args) -> int:
@@ -134,7 +165,79 @@ def cmd_status(args) -> int:
     if name and not runs:
         print(f"no runs of experiment '{name}' in {registry.url}", file=sys.stderr)
         return 1
-    _status_table(runs)
+    _status_table(runs, _slurm_states(runs))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    """Cancel exactly the experiment's unfinished tasks (or one of them): scancel on SLURM, SIGINT to the
+    local process group otherwise; the registry marks them cancelled."""
+    import signal
+
+    exp = _experiment_from(args, args.experiment)
+    registry = open_registry(exp.registry_url)
+    runs = [r for r in registry.runs(exp.name) if args.task is None or r.task_index == args.task]
+    if args.task is not None and not runs:
+        print(f"error: experiment {exp.name} has no task {args.task}", file=sys.stderr)
+        return 1
+    targets = [r for r in runs if r.state in ("pending", "running")]
+    slurm_ids = [r.job_id for r in targets if r.job_id and "_" in r.job_id]
+    if slurm_ids:
+        from .launch.slurm import cancel
+
+        cancel(slurm_ids)
+    for r in targets:
+        if r.job_id and r.job_id.isdigit():  # a local controller, leader of its own session
+            try:
+                os.killpg(int(r.job_id), signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        registry.set_state(exp.name, r.task_index, "cancelled", "holly-hpc cancel")
+    print(f"cancelled {len(targets)} task(s) of {exp.name}" + (f": jobs {', '.join(slurm_ids)}" if slurm_ids else ""))
+    return 0
+
+
+def cmd_sbatch(args) -> int:
+    from .launch.sbatch import write_scripts
+    from .launch.submit import prepare
+
+    sub, to_run = prepare(args.spec, cluster="slurm", output_root=args.output_root)
+    all_tasks = [t.index for t in sub.experiment.tasks]
+    max_array = args.max_array_size or _cluster_max_array_size()
+    output = Path(args.output or f"{sub.experiment.name}.sbatch")
+    paths = write_scripts(sub.experiment, all_tasks, output, max_array)
+    print(f"experiment {sub.experiment.name}: {len(all_tasks)} task(s), {len(all_tasks) - len(to_run)} already succeeded")
+    for path in paths:
+        print(f"wrote {path}: submit it with  sbatch {path}")
+    return 0
+
+
+def _cluster_max_array_size() -> int:
+    from .launch.slurm import SlurmError, max_array_size
+
+    try:
+        return max_array_size()
+    except (SlurmError, OSError):
+        print("note: scontrol unavailable here; assuming SLURM's default MaxArraySize 1001 "
+              "(pass --max-array-size to change)", file=sys.stderr)
+        return 1001
+
+
+def cmd_preflight(args) -> int:
+    from .launch.apptainer import format_problems, preflight
+
+    spec = load_spec(args.spec)
+    container = spec.resolved.get("container")
+    if not container:
+        print(f"{args.spec}: no container section: tasks run in this Python environment ({sys.executable})")
+        return 0
+    container = {**container, "image": str((spec.base_dir / container["image"]).resolve())
+                 if not Path(container["image"]).is_absolute() else container["image"]}
+    problems = preflight(container, gpus=spec.resolved["resources"]["gpus_per_node"] > 0)
+    if problems:
+        print(format_problems(problems), file=sys.stderr)
+        return 1
+    print(f"{args.spec}: container {container['image']} OK (Python, holly_hpc and torch match this host)")
     return 0
 
 
@@ -236,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="freeze the spec and launch its tasks as one job array")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--cluster", choices=["local", "debug"], help="override launch.cluster")
+    p.add_argument("--cluster", choices=["local", "debug", "slurm"], help="override launch.cluster")
     p.add_argument("--output-root", help="override the spec's output_root")
     p.add_argument("--wait", action="store_true", help="block until the tasks end, printing progress")
     p.set_defaults(func=cmd_submit)
@@ -261,6 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root")
     p.add_argument("--registry")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM)")
+    p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
+    p.add_argument("--task", type=int, help="only this task index")
+    p.add_argument("--output-root")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("sbatch", help="freeze the spec and write a standalone sbatch array script")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("-o", "--output", help="script path (default: <experiment>.sbatch)")
+    p.add_argument("--output-root", help="override the spec's output_root")
+    p.add_argument("--max-array-size", type=int, help="split arrays above this size (default: scontrol's MaxArraySize)")
+    p.set_defaults(func=cmd_sbatch)
+
+    p = sub.add_parser("preflight", help="check the spec's container before anything is queued")
+    p.add_argument("spec", metavar="SPEC")
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("eval", help="recompute a finished task's metrics and pictures from its checkpoint")
     p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")

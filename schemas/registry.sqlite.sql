@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS runs (
     last_loss       REAL,
     final_metrics   TEXT,
     error           TEXT,
+    job_id          TEXT,
     PRIMARY KEY (experiment, task_index)
 );
 

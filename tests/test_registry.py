@@ -31,7 +31,7 @@ def test_upserts_are_idempotent(tmp_path):
     (exp,) = reg.experiments()
     assert exp.counts == {"pending": 3}
     with sqlite3.connect(tmp_path / "r.sqlite") as c:
-        assert c.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
+        assert c.execute("SELECT version FROM schema_version ORDER BY version").fetchall() == [(1,), (2,)]
 
 
 def test_run_lifecycle_attempts_and_metrics(tmp_path):
@@ -93,3 +93,20 @@ def test_url_resolution_order(tmp_path, monkeypatch):
     assert resolve_url(None, tmp_path) == f"sqlite:///{tmp_path}/registry.sqlite"
     with pytest.raises(ValueError, match="unsupported registry URL scheme 'mysql'"):
         open_registry("mysql://x")
+
+
+def test_a_version_1_file_gains_the_job_id_column(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as c:  # the runs table as version 1 made it, with a row in it
+        c.execute("CREATE TABLE runs (experiment TEXT NOT NULL, task_index INTEGER NOT NULL, task_id TEXT NOT NULL,"
+                  " config TEXT NOT NULL, config_hash TEXT NOT NULL, seed INTEGER NOT NULL, out_dir TEXT NOT NULL,"
+                  " state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL,"
+                  " last_step INTEGER, last_loss REAL, final_metrics TEXT, error TEXT,"
+                  " PRIMARY KEY (experiment, task_index))")
+        c.execute("INSERT INTO runs VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'succeeded', 0, NULL, NULL, NULL,"
+                  " 5, 0.5, NULL, NULL)")
+    reg = open_registry(f"sqlite:///{path}")
+    reg.init()
+    reg.set_job_ids("e", {0: "77_0"})
+    (run,) = reg.runs("e")
+    assert run.state == "succeeded" and run.last_step == 5 and run.job_id == "77_0"

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import math
 import os
+import shlex
 import sys
 import types
 from abc import ABC, abstractmethod
@@ -109,7 +110,33 @@ def _environ(**values: str):
                 os.environ[k] = v
 
 
-LAUNCHERS: dict[str, type[Launcher]] = {cls.name: cls for cls in (LocalLauncher, DebugLauncher)}
+class SlurmLauncher(Launcher):
+    """A SLURM job array through submitit's SlurmExecutor, split into several arrays when it is larger than
+    the cluster's MaxArraySize (each element still carries its own task index in its pickle). With a
+    `container`, every task's Python runs inside the Apptainer image."""
+
+    name = "slurm"
+
+    def launch(self, experiment, indices):
+        from .slurm import chunks, max_array_size, sbatch_parameters
+
+        resources = experiment.resources
+        python = shlex.quote(sys.executable)
+        if experiment.container:
+            from .apptainer import container_python
+
+            python = container_python(experiment.container, gpus=resources["gpus_per_node"] > 0)
+        executor = submitit.SlurmExecutor(folder=experiment.submitit_dir, python=python)
+        executor.update_parameters(job_name=f"holly-{experiment.name}",
+                                   **sbatch_parameters(resources, experiment.launch["array_parallelism"]))
+        launched = []
+        for part in chunks(indices, max_array_size()):
+            jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in part])
+            launched += [LaunchedTask(i, str(job.job_id), job) for i, job in zip(part, jobs)]
+        return launched
+
+
+LAUNCHERS: dict[str, type[Launcher]] = {cls.name: cls for cls in (LocalLauncher, DebugLauncher, SlurmLauncher)}
 
 
 def get_launcher(cluster: str) -> Launcher:

@@ -28,7 +28,8 @@ def output_root_for(spec, override: str | None) -> Path:
     return Path(override or spec.resolved["output_root"]).expanduser().resolve()
 
 
-def submit(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None) -> Submission:
+def prepare(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None) -> tuple[Submission, list[int]]:
+    """Validate, expand, freeze and register the spec; return the submission and the tasks still to run."""
     spec = load_spec(spec_path)
     tasks = expand(spec)
     root = output_root_for(spec, output_root)
@@ -55,8 +56,16 @@ def submit(spec_path: str | Path, cluster: str | None = None, output_root: str |
         if states.get(t.index) in ("failed", "cancelled"):
             registry.set_state(experiment.name, t.index, "pending", "resubmitted")
         to_run.append(t.index)
+    return submission, to_run
+
+
+def submit(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None) -> Submission:
+    """prepare(), then launch every task that has not succeeded as one job array."""
+    submission, to_run = prepare(spec_path, cluster, output_root)
+    experiment, registry = submission.experiment, submission.registry
     if to_run:
         submission.launched = get_launcher(experiment.launch["cluster"]).launch(experiment, to_run)
+        registry.set_job_ids(experiment.name, {t.task_index: t.job_id for t in submission.launched})
     return submission
 
 

@@ -25,6 +25,7 @@ class RunRow:
     out_dir: str
     final_metrics: dict | None
     error: str | None
+    job_id: str | None = None  # the scheduler's id of the task's latest submission (SLURM: ARRAYID_TASKID)
 
     def elapsed(self, now: float) -> float | None:
         if self.started is None:
@@ -66,6 +67,10 @@ class Registry(ABC):
 
     @abstractmethod
     def end_attempt(self, experiment: str, task_index: int, attempt: int, exit_reason: str, error: str | None = None) -> None: ...
+
+    @abstractmethod
+    def set_job_ids(self, experiment: str, job_ids: dict[int, str]) -> None:
+        """Record the scheduler's job id of each submitted task (task index -> id)."""
 
     @abstractmethod
     def heartbeat(self, experiment: str, task_index: int, step: int, loss: float | None) -> None: ...

@@ -43,6 +43,12 @@ class SQLiteRegistry(Registry):
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(schema_file("registry.sqlite.sql").read_text(encoding="utf-8"))
+            # Version 2 added runs.job_id; a version-1 file gets the column here.
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            if "job_id" not in columns:
+                conn.execute("ALTER TABLE runs ADD COLUMN job_id TEXT")
+            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (2, strftime('%s', 'now'))"
+                         " ON CONFLICT (version) DO NOTHING")
         finally:
             conn.close()
 
@@ -95,6 +101,11 @@ class SQLiteRegistry(Registry):
             c.execute("UPDATE attempts SET ended = ?, exit_reason = ?, error = ? WHERE experiment = ? AND task_index = ? AND attempt = ?",
                       (time.time(), exit_reason, error, experiment, task_index, attempt))
 
+    def set_job_ids(self, experiment, job_ids):
+        with self._connect() as c:
+            c.executemany("UPDATE runs SET job_id = ? WHERE experiment = ? AND task_index = ?",
+                          [(job, experiment, index) for index, job in job_ids.items()])
+
     def heartbeat(self, experiment, task_index, step, loss):
         with self._connect() as c:
             c.execute("UPDATE runs SET heartbeat = ?, last_step = ?, last_loss = ? WHERE experiment = ? AND task_index = ?",
@@ -119,13 +130,14 @@ class SQLiteRegistry(Registry):
         query = (
             "SELECT r.experiment, r.task_index, r.task_id, r.state,"
             " (SELECT COUNT(*) FROM attempts a WHERE a.experiment = r.experiment AND a.task_index = r.task_index),"
-            " r.last_step, r.last_loss, r.created, r.started, r.finished, r.heartbeat, r.out_dir, r.final_metrics, r.error"
+            " r.last_step, r.last_loss, r.created, r.started, r.finished, r.heartbeat, r.out_dir, r.final_metrics, r.error,"
+            " r.job_id"
             " FROM runs r WHERE (? IS NULL OR r.experiment = ?) AND (? IS NULL OR r.state = ?)"
             " ORDER BY r.experiment, r.task_index"
         )
         with self._connect(write=False) as c:
             rows = c.execute(query, (experiment, experiment, state, state)).fetchall()
-        return [RunRow(*row[:12], json.loads(row[12]) if row[12] else None, row[13]) for row in rows]
+        return [RunRow(*row[:12], json.loads(row[12]) if row[12] else None, row[13], row[14]) for row in rows]
 
     def experiments(self):
         with self._connect(write=False) as c:

@@ -147,11 +147,15 @@ class TaskRunner(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         stop = StopRequest().install()  # before anything slow: a signal during set-up is not lost
         experiment = Experiment.load(self.experiment_dir)
+        registry = open_registry(experiment.registry_url)
+        done = [r for r in registry.runs(experiment.name) if r.task_index == self.task_index and r.state == "succeeded"]
+        if done:  # e.g. an exported sbatch script run again (every rank sees this and stops together)
+            print(f"task {self.task_index} already succeeded; nothing to do")
+            return done[0].final_metrics or {}
         dist = setup_distributed(_device_type(experiment.task(self.task_index).config["device"]))
         try:
             if not dist.is_main:  # other ranks train alongside rank 0, which owns the task's bookkeeping
                 return self._train(experiment, None, stop, dist)
-            registry = open_registry(experiment.registry_url)
             local = os.environ.get("SUBMITIT_EXECUTOR") == "local" and not dist.active
             with task_lock(experiment.task_dir(self.task_index)) as owned:
                 if not owned:

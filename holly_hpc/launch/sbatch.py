@@ -1,0 +1,79 @@
+"""`holly-hpc sbatch`: standalone, readable sbatch array scripts for users who submit by hand.
+
+The experiment is frozen and registered exactly as `holly-hpc submit` does, then one script per array
+(more than one only when the tasks exceed the cluster's MaxArraySize) is written from
+slurm/array.sbatch.template.
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+import sys
+from pathlib import Path
+
+from ..runtime.preemption import REQUEUE_EXIT_CODE
+from .slurm import SIGNAL_DELAY_S, chunks
+
+
+def template_path() -> Path:
+    """slurm/array.sbatch.template: inside the installed package (wheel) or at the checkout's root."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "slurm" / "array.sbatch.template", package.parent / "slurm" / "array.sbatch.template"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("slurm/array.sbatch.template not found beside holly_hpc")
+
+
+def directives(experiment, first: int, count: int) -> list[str]:
+    """#SBATCH lines from the frozen experiment's resources and launch settings."""
+    r, launch = experiment.resources, experiment.launch
+    logs = experiment.root / "slurm-logs"
+    lines = {
+        "job-name": f"holly-{experiment.name}",
+        "array": f"0-{count - 1}%{min(count, launch['array_parallelism'])}",
+        "time": str(max(1, int(round(r["time"])))),
+        "nodes": str(r["nodes"]),
+        "ntasks-per-node": str(r["tasks_per_node"]),
+        "output": str(logs / "%A_%a.out"),
+        "error": str(logs / "%A_%a.err"),
+        "open-mode": "append",
+        "signal": f"USR2@{SIGNAL_DELAY_S}",
+        "requeue": None,
+    }
+    if r.get("gpus_per_node"):
+        lines["gpus-per-node"] = str(r["gpus_per_node"])
+    for key, flag in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
+                      ("cpus_per_task", "cpus-per-task"), ("mem", "mem"), ("constraint", "constraint")):
+        if r.get(key) is not None:
+            lines[flag] = str(r[key])
+    for key, value in (r.get("extra") or {}).items():
+        lines[key] = None if value is True else str(value)
+    return [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(v)}" for k, v in lines.items()]
+
+
+def write_scripts(experiment, indices: list[int], output: Path, max_array: int) -> list[Path]:
+    """Write one script per array of at most `max_array` tasks; returns their paths."""
+    template = string.Template(template_path().read_text(encoding="utf-8"))
+    python = shlex.quote(sys.executable)
+    if experiment.container:
+        from .apptainer import container_python
+
+        python = container_python(experiment.container, gpus=experiment.resources["gpus_per_node"] > 0)
+    parts = chunks(indices, max_array)
+    paths = []
+    for n, part in enumerate(parts):
+        if part != list(range(part[0], part[0] + len(part))):
+            raise ValueError("sbatch scripts cover contiguous task indices")
+        path = output if len(parts) == 1 else output.with_name(f"{output.stem}.{n}{output.suffix}")
+        text = template.substitute(
+            experiment=experiment.name, first=part[0], last=part[-1], total=len(experiment.plan["tasks"]),
+            script=path.name, experiment_dir=experiment.root, experiment_dir_q=shlex.quote(str(experiment.root)),
+            directives="\n".join(directives(experiment, part[0], len(part))), offset=part[0], python=python,
+            requeue_code=REQUEUE_EXIT_CODE,
+        )
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o755)
+        paths.append(path)
+    (experiment.root / "slurm-logs").mkdir(exist_ok=True)
+    return paths
