@@ -226,13 +226,13 @@ def _cluster_max_array_size() -> int:
 def cmd_preflight(args) -> int:
     from .launch.apptainer import format_problems, preflight
 
+    from .experiment import resolved_container
+
     spec = load_spec(args.spec)
-    container = spec.resolved.get("container")
+    container = resolved_container(spec)  # the same image path the jobs will use
     if not container:
         print(f"{args.spec}: no container section: tasks run in this Python environment ({sys.executable})")
         return 0
-    container = {**container, "image": str((spec.base_dir / container["image"]).resolve())
-                 if not Path(container["image"]).is_absolute() else container["image"]}
     problems = preflight(container, gpus=spec.resolved["resources"]["gpus_per_node"] > 0)
     if problems:
         print(format_problems(problems), file=sys.stderr)

@@ -84,6 +84,15 @@ def spec_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def resolved_container(spec) -> dict | None:
+    """The spec's container section with its image path made absolute (relative paths are from the spec)."""
+    container = spec.resolved.get("container")
+    if not container:
+        return None
+    image = Path(container["image"]).expanduser()
+    return {**container, "image": str(image if image.is_absolute() else (spec.base_dir / image).resolve())}
+
+
 def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) -> dict:
     return {
         "experiment": spec.experiment,
@@ -94,7 +103,7 @@ def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) ->
         "registry_url": registry_url,
         "launch": spec.resolved["launch"],
         "resources": spec.resolved["resources"],
-        "container": spec.resolved.get("container"),
+        "container": resolved_container(spec),
         "tasks": [t.to_json() for t in tasks],
     }
 
