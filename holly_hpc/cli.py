@@ -144,9 +144,9 @@ _ENDED_ON_SLURM = {"CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "fai
                    "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
 
 
-def _slurm_states(runs) -> dict[str, str] | None:
-    """SLURM states of the runs' jobs when they were submitted to SLURM (job ids like 123_4)."""
-    ids = [r.job_id for r in runs if r.job_id and "_" in r.job_id and r.job_id.split("_")[0].isdigit()]
+def _slurm_states(runs, on_slurm: set[str]) -> dict[str, str] | None:
+    """SLURM states of the jobs of the runs whose experiment was submitted to SLURM."""
+    ids = [r.job_id for r in runs if r.job_id and r.experiment in on_slurm]
     if not ids:
         return None
     from .launch.slurm import SlurmError, job_states
@@ -165,15 +165,15 @@ def cmd_status(args) -> int:
     if name and not runs:
         print(f"no runs of experiment '{name}' in {registry.url}", file=sys.stderr)
         return 1
-    _status_table(runs, _slurm_states(runs))
+    on_slurm = {e.name for e in registry.experiments()
+                if (Path(e.experiment_dir) / PLAN).exists() and Experiment.load(e.experiment_dir).launch["cluster"] == "slurm"}
+    _status_table(runs, _slurm_states(runs, on_slurm))
     return 0
 
 
 def cmd_cancel(args) -> int:
     """Cancel exactly the experiment's unfinished tasks (or one of them): scancel on SLURM, SIGINT to the
     local process group otherwise; the registry marks them cancelled."""
-    import signal
-
     exp = _experiment_from(args, args.experiment)
     registry = open_registry(exp.registry_url)
     runs = [r for r in registry.runs(exp.name) if args.task is None or r.task_index == args.task]
@@ -181,20 +181,32 @@ def cmd_cancel(args) -> int:
         print(f"error: experiment {exp.name} has no task {args.task}", file=sys.stderr)
         return 1
     targets = [r for r in runs if r.state in ("pending", "running")]
-    slurm_ids = [r.job_id for r in targets if r.job_id and "_" in r.job_id]
+    on_slurm = exp.launch["cluster"] == "slurm"
+    slurm_ids = [r.job_id for r in targets if r.job_id] if on_slurm else []
     if slurm_ids:
         from .launch.slurm import cancel
 
         cancel(slurm_ids)
     for r in targets:
-        if r.job_id and r.job_id.isdigit():  # a local controller, leader of its own session
-            try:
-                os.killpg(int(r.job_id), signal.SIGINT)
-            except ProcessLookupError:
-                pass
+        if not on_slurm and r.job_id and r.job_id.isdigit():
+            _interrupt_local_job(int(r.job_id))
         registry.set_state(exp.name, r.task_index, "cancelled", "holly-hpc cancel")
     print(f"cancelled {len(targets)} task(s) of {exp.name}" + (f": jobs {', '.join(slurm_ids)}" if slurm_ids else ""))
     return 0
+
+
+def _interrupt_local_job(controller_pid: int) -> None:
+    """SIGINT to a local job's process group: the controller leads its own session (launch/executors.py),
+    so the group holds exactly that task's controller and process. Only a process that is still a
+    submitit local controller is signalled (a reused pid is left alone)."""
+    import signal
+
+    try:
+        cmdline = Path(f"/proc/{controller_pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return  # already gone
+    if b"submitit.local._local" in cmdline:
+        os.killpg(controller_pid, signal.SIGINT)
 
 
 def cmd_sbatch(args) -> int:

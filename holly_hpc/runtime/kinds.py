@@ -45,6 +45,10 @@ class TaskKind(ABC):
         """Named (3, H, W) images in [0, 1] for TensorBoard, e.g. inputs above renders."""
         return {}
 
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """The tensors the optimiser(s) update (what DDP keeps identical across ranks)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def point_clouds(self) -> dict[str, torch.Tensor]:
         """Named (N, 3) point clouds for TensorBoard's mesh dashboard."""
         return {}

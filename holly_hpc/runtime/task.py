@@ -116,19 +116,14 @@ def run_task(experiment: Experiment, index: int, registry=None, stop_after_step:
 
 
 def write_rank_digest(task_dir: Path, dist: DistInfo, kind) -> None:
-    """ranks/rank-<r>.json: a checksum of this rank's final parameters, so anyone can check the ranks agree."""
+    """ranks/rank-<r>.json: a checksum of this rank's trained parameters, so anyone can check the ranks
+    agree. (BatchNorm running statistics are per rank by design and left out.)"""
     import hashlib
     import json
 
     digest = hashlib.sha256()
-    for name, value in sorted(kind.state_dict().items()):
-        if isinstance(value, dict) and name != "optimizer" and name != "scheduler":
-            for key, tensor in sorted(value.items()):
-                digest.update(key.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        elif hasattr(value, "numpy"):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in kind.trained_parameters():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     folder = task_dir / "ranks"
     folder.mkdir(exist_ok=True)
     (folder / f"rank-{dist.rank}.json").write_text(json.dumps({"rank": dist.rank, "world": dist.world,
