@@ -98,25 +98,33 @@ def test_a_sweep_of_four_runs_as_a_slurm_array_with_job_ids(slurm, write_spec, t
     assert logs.returncode == 0 and "step 20/20" in logs.stdout
 
 
-def test_arrays_larger_than_max_array_size_are_split(slurm, write_spec, tmp_path, monkeypatch):
+@pytest.fixture
+def max_array_size_3(slurm):
+    """The dev cluster reconfigured with MaxArraySize=3 (indices 0-2) for one test, then restored."""
+    up = REPO / "slurm/devcluster/up.sh"
+    subprocess.run(["bash", str(up)], env={**os.environ, "HOLLY_SLURM_MAX_ARRAY_SIZE": "3"}, check=True,
+                   capture_output=True, timeout=300)
+    try:
+        yield 3
+    finally:
+        subprocess.run(["bash", str(up)], check=True, capture_output=True, timeout=300)
+
+
+def test_arrays_larger_than_max_array_size_are_split(max_array_size_3, write_spec, tmp_path):
     from holly_hpc.launch import slurm as slurm_tools
     from holly_hpc.launch.submit import submit, wait
 
-    real = slurm_tools.max_array_size()
-    assert real >= 4  # read from the running cluster's scontrol show config
-    monkeypatch.setattr(slurm_tools, "max_array_size", lambda: 2)  # as if the cluster allowed 2
+    assert slurm_tools.max_array_size() == 3  # read from the running cluster's scontrol show config
     path = write_spec({**SLURM_SPEC, "sweep": {"grid": {"train.lr": [0.003, 0.002, 0.001, 0.0005, 0.0002]}}})
     sub = submit(path)
     ids = [t.job_id for t in sorted(sub.launched, key=lambda t: t.task_index)]
-    arrays = [i.split("_")[0] for i in ids]
-    assert len(set(arrays)) == 3
-    # Two arrays of two, then the fifth task alone (submitit submits a one-element array as a plain job).
-    assert [i.partition("_")[2] for i in ids] == ["0", "1", "0", "1", ""]
+    assert len({i.split("_")[0] for i in ids}) == 2
+    assert [i.partition("_")[2] for i in ids] == ["0", "1", "2", "0", "1"]  # an array of 3, then one of 2
     assert wait(sub, out=io.StringIO(), poll_s=1, timeout_s=600)
     runs = _runs(sub.experiment.root)
     assert [r.state for r in runs] == ["succeeded"] * 5
     # Each task trained its own config: the lr in its final checkpoint's optimiser matches its override.
-    for task, run in zip(sub.experiment.tasks, runs):
+    for task in sub.experiment.tasks:
         state = load_checkpoint(latest_checkpoint(sub.experiment.task_dir(task.index) / "checkpoints"))
         assert state["kind"]["optimizer"]["param_groups"][0]["initial_lr"] == task.overrides["train.lr"]
 
