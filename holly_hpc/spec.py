@@ -260,14 +260,23 @@ def _describe(value: Any) -> str:
     return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({text})" if not isinstance(value, (dict, list)) else _TYPE_NAMES[type(value)]
 
 
+def suggest(word: str, candidates: list[str]) -> str | None:
+    """The candidate a typo most likely meant: a close spelling, else one that starts with the word."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    prefixed = [c for c in candidates if c.startswith(word) or word.startswith(c)]
+    return min(prefixed, key=len) if prefixed and len(word) >= 3 else None
+
+
 def _unknown_key_problems(error, loaded: LoadedYaml, path: KeyPath, instance: dict, full: dict) -> list[Problem]:
     allowed = known_keys(path, full)
     problems = []
     for key in error.instance:
         if key in allowed:
             continue
-        hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; allowed keys: {', '.join(allowed)}"
+        hint = suggest(str(key), allowed)
+        suggestion = f"; did you mean '{hint}'?" if hint else f"; allowed keys: {', '.join(allowed)}"
         problems.append(loaded.problem(path + (key,), f"unknown key '{key}'{suggestion}", prefer_key=True))
     return problems
 
@@ -363,6 +372,8 @@ def load_spec(path: str | Path) -> Spec:
     sweep_problems = _sweep_problems(loaded, data) if isinstance(data.get("sweep"), dict) else []
     problems += sweep_problems
     spec = Spec(Path(path), loaded.text, loaded, apply_defaults(data))
+    if not problems:
+        problems += _launch_problems(spec)
     if not sweep_problems and data.get("kind") in KIND_NAMES and isinstance(data.get("experiment"), str):
         problems += _task_problems(spec)
     # Report each problem once, in file order.
@@ -370,6 +381,21 @@ def load_spec(path: str | Path) -> Spec:
     if unique:
         raise SpecError(unique)
     return spec
+
+
+def _launch_problems(spec: Spec) -> list[Problem]:
+    """Resource combinations the schema cannot rule out on its own."""
+    r, cluster = spec.resolved["resources"], spec.resolved["launch"]["cluster"]
+    problems = []
+    if r["gpus_per_node"] > 0 and r["tasks_per_node"] != r["gpus_per_node"]:
+        problems.append(spec.loaded.problem(("resources", "tasks_per_node"),
+                        f"expected one process per GPU: tasks_per_node = gpus_per_node ({r['gpus_per_node']}), got {r['tasks_per_node']}"))
+    if cluster != "slurm" and r["nodes"] > 1:
+        problems.append(spec.loaded.problem(("resources", "nodes"), f"expected 1 node with launch.cluster {cluster} (several nodes need slurm), got {r['nodes']}"))
+    if cluster == "debug" and r["tasks_per_node"] > 1:
+        problems.append(spec.loaded.problem(("resources", "tasks_per_node"), "expected 1 with launch.cluster debug (it runs in the submitting process), got "
+                                            f"{r['tasks_per_node']}"))
+    return problems
 
 
 def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
@@ -386,8 +412,8 @@ def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
                 continue
             if property_schema(tuple(dotted.split(".")), data) is None:
                 candidates = sweepable_paths(data)
-                hint = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
-                extra = f"; did you mean '{hint[0]}'?" if hint else ""
+                hint = suggest(dotted, candidates)
+                extra = f"; did you mean '{hint}'?" if hint else ""
                 problems.append(loaded.problem(where, f"'{dotted}' is not a key of a {data.get('kind')} spec{extra}", prefer_key=True))
     for dotted in set(grid) & set(zipped):
         problems.append(loaded.problem(("sweep", "zip", dotted), f"'{dotted}' is swept in both grid and zip; use one", prefer_key=True))

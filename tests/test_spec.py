@@ -207,3 +207,24 @@ def test_exponent_floats_without_a_dot_are_numbers(write_spec):
     spec = load_spec(write_spec(raw="experiment: e\nkind: pose\ntrain:\n  lr: 1e-4\n  weight_decay: 5E-3\n"))
     assert spec.resolved["train"]["lr"] == pytest.approx(1e-4)
     assert spec.resolved["train"]["weight_decay"] == pytest.approx(5e-3)
+
+
+def test_resource_rules_and_misspelled_resource_keys(write_spec):
+    path = write_spec({"resources": {"gpus_per_node": 2, "tasks_per_node": 1, "nodes": 2, "gpus": 1}})
+    assert [str(p).split(": ", 1)[1] for p in load_spec_problems(path)] == [
+        "resources.gpus: unknown key 'gpus'; did you mean 'gpus_per_node'?",
+    ]
+    path = write_spec({"resources": {"gpus_per_node": 2, "tasks_per_node": 1, "nodes": 2}}, name="r.yaml")
+    assert [str(p).split(": ", 1)[1] for p in load_spec_problems(path)] == [  # in file order
+        "resources.tasks_per_node: expected one process per GPU: tasks_per_node = gpus_per_node (2), got 1",
+        "resources.nodes: expected 1 node with launch.cluster local (several nodes need slurm), got 2",
+    ]
+    ok = write_spec({"launch": {"cluster": "slurm"}, "resources": {"gpus_per_node": 2, "tasks_per_node": 2, "nodes": 2,
+                                                                   "mem": "16G", "extra": {"mail-type": "END"}}}, name="ok.yaml")
+    assert load_spec(ok).resolved["resources"]["extra"] == {"mail-type": "END"}
+
+
+def load_spec_problems(path):
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return info.value.problems
