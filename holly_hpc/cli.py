@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .experiment import PLAN, Experiment, ExperimentMismatch
-from .registry import STATES, open_registry, resolve_url
+from .registry import STATES, open_registry, redact, resolve_url, runtime_url
 from .spec import SpecError, load_spec
 from .sweep import expand
 
@@ -105,7 +105,7 @@ def _registry_for(args, target: str | None):
         path = Path(target)
         if (path / PLAN).exists():
             exp = Experiment.load(path)
-            return open_registry(exp.registry_url), exp.name
+            return open_registry(runtime_url(exp.registry_url)), exp.name
         if path.is_file() and path.suffix in (".yaml", ".yml"):
             spec = load_spec(path)
             root = Path(args.output_root or spec.resolved["output_root"]).resolve()
@@ -128,6 +128,9 @@ def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
     rows = []
     for r in runs:
         state = r.state
+        if state == "running" and r.heartbeat is not None and now - r.heartbeat > STALE_AFTER_S:
+            # Alive tasks report at least every flush interval; this one went silent (node failure?).
+            state = f"lost?({_duration(now - r.heartbeat)} silent)"
         row = [r.experiment, r.task_id, state, r.attempts, "-" if r.last_step is None else r.last_step,
                "-" if r.last_loss is None else f"{r.last_loss:.4g}", _duration(r.elapsed(now))]
         if scheduler is not None:
@@ -138,6 +141,8 @@ def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
         rows.append(row)
     _table(headers + (["job", "slurm"] if scheduler is not None else []), rows)
 
+
+STALE_AFTER_S = 600  # a running task that has not reported for this long is shown as lost
 
 # SLURM end states that mean a task the registry still calls pending/running will not report any more.
 _ENDED_ON_SLURM = {"CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed",
@@ -175,7 +180,7 @@ def cmd_cancel(args) -> int:
     """Cancel exactly the experiment's unfinished tasks (or one of them): scancel on SLURM, SIGINT to the
     local process group otherwise; the registry marks them cancelled."""
     exp = _experiment_from(args, args.experiment)
-    registry = open_registry(exp.registry_url)
+    registry = open_registry(runtime_url(exp.registry_url))
     runs = [r for r in registry.runs(exp.name) if args.task is None or r.task_index == args.task]
     if args.task is not None and not runs:
         print(f"error: experiment {exp.name} has no task {args.task}", file=sys.stderr)
@@ -236,9 +241,8 @@ def _cluster_max_array_size() -> int:
 
 
 def cmd_preflight(args) -> int:
-    from .launch.apptainer import format_problems, preflight
-
     from .experiment import resolved_container
+    from .launch.apptainer import format_problems, preflight
 
     spec = load_spec(args.spec)
     container = resolved_container(spec)  # the same image path the jobs will use
@@ -259,9 +263,110 @@ def cmd_list(args) -> int:
     exps = registry.experiments()
     if args.state:
         exps = [e for e in exps if e.counts.get(args.state)]
+    if args.since:
+        since = _parse_since(args.since)
+        exps = [e for e in exps if e.created >= since]
     _table(["experiment", "created", "tasks"] + list(STATES) + ["folder"],
            [[e.name, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), sum(e.counts.values()),
              *(e.counts.get(s, 0) for s in STATES), e.experiment_dir] for e in exps])
+    return 0
+
+
+def _parse_since(text: str) -> float:
+    """'3d', '12h', '30m' ago, or a date/time like 2026-11-01 or 2026-11-01T08:00."""
+    import datetime as dt
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if match:
+        seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return time.time() - float(match.group(1)) * seconds
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected an age like 3d, 12h, 30m or a date like 2026-11-01") from None
+
+
+def cmd_runs(args) -> int:
+    """The tasks of an experiment with their overrides and final metrics, best first."""
+    import csv
+    import io
+
+    exp = _experiment_from(args, args.experiment)
+    registry = open_registry(runtime_url(exp.registry_url))
+    overrides = {t.index: t.overrides for t in exp.tasks}
+    rows = []
+    for r in registry.runs(exp.name):
+        row = {"task": r.task_id, "state": r.state, **{k: v for k, v in overrides.get(r.task_index, {}).items()},
+               **{f"metric:{k}": v for k, v in (r.final_metrics or {}).items()}}
+        rows.append(row)
+    if args.sort:
+        key = args.sort if args.sort.startswith("metric:") or args.sort in ("task", "state") else f"metric:{args.sort}"
+        missing = [r for r in rows if r.get(key) is None]
+        ranked = sorted((r for r in rows if r.get(key) is not None), key=lambda r: r[key], reverse=args.desc)
+        rows = ranked + missing  # tasks without the metric (unfinished) last
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif args.format == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        print(out.getvalue(), end="")
+    else:
+        _table(columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    return 0
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_show(args) -> int:
+    """Everything about one run: config, provenance, attempts, final metrics, paths."""
+    exp = _experiment_from(args, args.experiment)
+    registry = open_registry(runtime_url(exp.registry_url))
+    (run,) = [r for r in registry.runs(exp.name) if r.task_index == args.task] or [None]
+    if run is None:
+        print(f"error: experiment {exp.name} has no task {args.task}", file=sys.stderr)
+        return 1
+    details = registry.experiment_details(exp.name) or {}
+    report = {
+        "run": {"experiment": exp.name, "task": run.task_id, "index": run.task_index, "state": run.state,
+                "job_id": run.job_id, "last_step": run.last_step, "last_loss": run.last_loss, "error": run.error},
+        "paths": {"task_dir": run.out_dir, "experiment_dir": str(exp.root),
+                  "tensorboard": f"{run.out_dir}/tb", "outputs": f"{run.out_dir}/outputs.zarr", "final": f"{run.out_dir}/final"},
+        "overrides": exp.task(run.task_index).overrides,
+        "config": registry.run_config(exp.name, run.task_index),
+        "provenance": {k: details.get(k) for k in ("owner", "git_commit", "git_dirty", "holly_hpc_version", "torch_version",
+                                                    "python_version", "container_image", "container_digest", "spec_hash")},
+        "attempts": registry.attempts(exp.name, run.task_index),
+        "final_metrics": run.final_metrics,
+    }
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_registry(args) -> int:
+    from .registry.spool import SPOOL_FILE, replay_spool
+
+    if args.action == "sync":
+        exp = _experiment_from(args, args.target)
+        registry = open_registry(runtime_url(exp.registry_url))
+        spools = sorted((exp.root / "tasks").glob(f"*/{SPOOL_FILE}"))
+        left = [p for p in spools if not replay_spool(registry, p)]
+        print(f"replayed {len(spools) - len(left)} of {len(spools)} spool file(s) into {registry.url}")
+        for p in left:
+            print(f"still waiting (registry unreachable?): {p}", file=sys.stderr)
+        return 1 if left else 0
+    url = args.target or os.environ.get("HOLLY_REGISTRY_URL") or resolve_url(None, Path(args.output_root or DEFAULT_OUTPUT_ROOT))
+    registry = open_registry(url)
+    applied = registry.migrate()
+    versions = registry.schema_versions()
+    print(f"{registry.url}: schema version {versions[-1]}" + (f" (applied {', '.join(map(str, applied))})" if applied else " (up to date)"))
     return 0
 
 
@@ -365,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="one line per experiment with its task counts by state")
     p.add_argument("--state", choices=STATES, help="only experiments with tasks in this state")
+    p.add_argument("--since", help="only experiments created since: an age (3d, 12h, 30m) or a date (2026-11-01)")
     p.add_argument("--output-root", help=f"where to find the default registry (default: ./{DEFAULT_OUTPUT_ROOT})")
     p.add_argument("--registry", help="registry URL")
     p.set_defaults(func=cmd_list)
@@ -376,6 +482,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-root")
     p.add_argument("--registry")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("runs", help="an experiment's tasks with overrides and final metrics, sorted")
+    p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
+    p.add_argument("--sort", help="metric:KEY (or KEY) to sort by, ascending (best first for errors)")
+    p.add_argument("--desc", action="store_true", help="sort descending (best first for scores)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--output-root")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("show", help="one run: config, provenance, attempts, final metrics, paths (JSON)")
+    p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
+    p.add_argument("--task", type=int, required=True, help="task index")
+    p.add_argument("--output-root")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("registry", help="registry maintenance: init, migrate, sync")
+    p.add_argument("action", choices=["init", "migrate", "sync"])
+    p.add_argument("target", nargs="?", metavar="URL|EXPERIMENT",
+                   help="init/migrate: registry URL (default $HOLLY_REGISTRY_URL, then ./runs/registry.sqlite); sync: experiment")
+    p.add_argument("--output-root")
+    p.add_argument("--registry")
+    p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM)")
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
@@ -402,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s)")
-    p.add_argument("what", choices=["render", "train"])
+    p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), registry (concurrent writers)")
+    p.add_argument("what", choices=["render", "train", "registry"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)")
     p.set_defaults(func=cmd_bench)
 
@@ -420,8 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(exc.problems)} problem(s) in the spec:", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -101,6 +101,7 @@ def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) ->
         "spec_hash": spec_hash(spec.text),
         "output_root": str(output_root.resolve()),
         "registry_url": registry_url,
+        "registry_flush_s": spec.resolved["registry"]["flush_seconds"],
         "launch": spec.resolved["launch"],
         "resources": spec.resolved["resources"],
         "container": resolved_container(spec),

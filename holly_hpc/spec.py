@@ -384,9 +384,14 @@ def load_spec(path: str | Path) -> Spec:
 
 
 def _launch_problems(spec: Spec) -> list[Problem]:
-    """Resource combinations the schema cannot rule out on its own."""
+    """Resource combinations and registry settings the schema cannot rule out on its own."""
+    from .registry.urls import has_password
+
     r, cluster = spec.resolved["resources"], spec.resolved["launch"]["cluster"]
     problems = []
+    if has_password(spec.resolved["registry"].get("url", "")):  # the message must not repeat the URL
+        problems.append(spec.loaded.problem(("registry", "url"), "contains a password, which would be frozen with the "
+                                            "spec: remove it and set PGPASSWORD or use ~/.pgpass"))
     if r["gpus_per_node"] > 0 and r["tasks_per_node"] != r["gpus_per_node"]:
         problems.append(spec.loaded.problem(("resources", "tasks_per_node"),
                         f"expected one process per GPU: tasks_per_node = gpus_per_node ({r['gpus_per_node']}), got {r['tasks_per_node']}"))

@@ -1,5 +1,6 @@
--- holly-hpc run registry, SQLite dialect (the zero-setup default). Every write is idempotent:
--- natural primary keys + INSERT ... ON CONFLICT, so a replayed or requeued write never duplicates rows.
+-- holly-hpc run registry, SQLite dialect (the zero-setup default): version 1 of the schema; later
+-- versions are applied by holly_hpc/registry/sql.py (MIGRATIONS), the same for PostgreSQL (registry.sql).
+-- Every write is idempotent: natural primary keys + INSERT ... ON CONFLICT.
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER PRIMARY KEY,
     applied_at  REAL NOT NULL
@@ -30,7 +31,6 @@ CREATE TABLE IF NOT EXISTS runs (
     last_loss       REAL,
     final_metrics   TEXT,
     error           TEXT,
-    job_id          TEXT,
     PRIMARY KEY (experiment, task_index)
 );
 
@@ -68,5 +68,8 @@ CREATE TABLE IF NOT EXISTS events (
     reason      TEXT
 );
 
-INSERT INTO schema_version (version, applied_at) VALUES (1, strftime('%s', 'now'))
-    ON CONFLICT (version) DO NOTHING;
+-- The newest value of every metric of every run.
+CREATE VIEW IF NOT EXISTS latest_metrics AS
+    SELECT m.experiment, m.task_index, m.key, m.step, m.value, m.wall_time FROM metrics m
+    WHERE m.step = (SELECT MAX(step) FROM metrics n
+                    WHERE n.experiment = m.experiment AND n.task_index = m.task_index AND n.key = m.key);

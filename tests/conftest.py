@@ -75,3 +75,49 @@ def env_for_subprocess() -> dict:
     env = dict(os.environ)
     env.pop("HOLLY_REGISTRY_URL", None)
     return env
+
+
+PG_PASSWORD = os.environ.get("HOLLY_PG_TEST_PASSWORD", "holly-test-pw")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's PostgreSQL 15 started by tests/services/postgres_up.sh. Under CI=true it must be there."""
+    import subprocess
+
+    up = subprocess.run(["bash", str(REPO / "tests" / "services" / "postgres_up.sh")], capture_output=True, text=True,
+                        env={**os.environ, "HOLLY_PG_TEST_PASSWORD": PG_PASSWORD}, timeout=600)
+    if up.returncode != 0:
+        message = f"PostgreSQL unavailable: {up.stdout[-1500:]}{up.stderr[-1500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    os.environ["PGPASSWORD"] = PG_PASSWORD  # libpq reads it; URLs carry no password
+    return "postgresql://holly_test@127.0.0.1:5432"
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server):
+    """A new, empty database for one test."""
+    import uuid
+
+    import psycopg2
+
+    name = f"holly_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(f"{postgres_server}/postgres", password=PG_PASSWORD)  # not from env: tests change it
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")  # name: our own hex, not user input
+    admin.close()
+    yield f"{postgres_server}/{name}"
+    admin = psycopg2.connect(f"{postgres_server}/postgres", password=PG_PASSWORD)  # not from env: tests change it
+    admin.autocommit = True
+    admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_url(request, tmp_path):
+    """The same test body against the SQLite file and a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.sqlite'}"
+    return request.getfixturevalue("fresh_postgres_url")

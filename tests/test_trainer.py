@@ -110,10 +110,22 @@ def test_outputs_readable_back(write_spec, tmp_path):
     assert run.last_step == 20 and run.last_loss == pytest.approx(ea.Scalars("loss")[-1].value, rel=1e-6)
 
 
-def test_a_failing_registry_does_not_stop_training(write_spec, tmp_path):
-    exp, _ = _experiment(write_spec, tmp_path, "noreg")
-    broken = open_registry(f"sqlite:///{tmp_path / 'missing-dir' / 'nested' / 'r.sqlite'}")
+def test_a_failing_registry_does_not_stop_training_and_nothing_is_lost(write_spec, tmp_path):
+    from holly_hpc.registry.spool import SPOOL_FILE, SpooledRegistry
 
-    with pytest.warns(RuntimeWarning, match="run registry unavailable, training continues"):
-        result = run_task(exp, 0, registry=broken, out=io.StringIO())
+    exp, good = _experiment(write_spec, tmp_path, "noreg")
+    good.upsert_experiment(exp.name, "", "", str(exp.root))
+    good.upsert_runs(exp.name, [{"task_index": 0, "task_id": exp.task(0).task_id, "config": "{}", "config_hash": "",
+                                 "seed": 0, "out_dir": ""}])
+    # A database that is away: every write raises.
+    broken = open_registry(f"sqlite:///{tmp_path / 'missing-dir' / 'nested' / 'r.sqlite'}")
+    spool = exp.task_dir(0) / SPOOL_FILE
+    result = run_task(exp, 0, registry=SpooledRegistry(broken, spool), out=io.StringIO())
     assert result.completed and (exp.task_dir(0) / "final" / "metrics.json").exists()
+    assert SpooledRegistry(broken, spool).pending() == 2  # one batch of metrics + one heartbeat
+    # The database is back: the spool replays in order, once.
+    back = SpooledRegistry(good, spool)
+    assert back.replay() and not spool.exists()
+    assert sorted({s for s, _, _ in good.metrics(exp.name, 0)}) == [5, 10, 15, 20]
+    (run,) = good.runs(exp.name)
+    assert run.last_step == 20

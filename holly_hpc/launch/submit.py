@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TextIO
 
 from ..experiment import Experiment, freeze, spec_hash
-from ..registry import TERMINAL_STATES, Registry, open_registry, resolve_url
+from ..provenance import provenance
+from ..registry import (
+    TERMINAL_STATES,
+    Registry,
+    open_registry,
+    resolve_url,
+    storable_url,
+)
 from ..spec import load_spec
 from ..sweep import expand
 from .executors import LaunchedTask, get_launcher
@@ -36,11 +43,13 @@ def prepare(spec_path: str | Path, cluster: str | None = None, output_root: str 
     url = resolve_url(spec.resolved["registry"].get("url"), root)
     if cluster:
         spec.resolved["launch"]["cluster"] = cluster
-    experiment = freeze(spec, tasks, root, url)
+    # plan.json keeps the URL without a password; jobs get it back from the environment (runtime_url).
+    experiment = freeze(spec, tasks, root, storable_url(url))
 
     registry = open_registry(url)
     registry.init()
-    registry.upsert_experiment(experiment.name, spec.text, spec_hash(spec.text), str(experiment.root))
+    registry.upsert_experiment(experiment.name, spec.text, spec_hash(spec.text), str(experiment.root),
+                               provenance(experiment))
     registry.upsert_runs(experiment.name, [
         {"task_index": t.index, "task_id": t.task_id, "config": json.dumps(t.config, sort_keys=True),
          "config_hash": t.config_hash, "seed": t.seed, "out_dir": str(experiment.root / t.rel_dir)}

@@ -51,7 +51,13 @@ class Registry(ABC):
         """Create the tables if they do not exist."""
 
     @abstractmethod
-    def upsert_experiment(self, name: str, spec_text: str, spec_hash: str, experiment_dir: str) -> None: ...
+    def migrate(self) -> list[int]:
+        """Bring the schema to the latest version; returns the versions applied now."""
+
+    @abstractmethod
+    def upsert_experiment(self, name: str, spec_text: str, spec_hash: str, experiment_dir: str,
+                          provenance: dict | None = None) -> None:
+        """provenance: owner, git_commit, git_dirty, holly_hpc/torch/python versions, container image/digest."""
 
     @abstractmethod
     def upsert_runs(self, experiment: str, runs: list[dict]) -> None:
@@ -73,7 +79,8 @@ class Registry(ABC):
         """Record the scheduler's job id of each submitted task (task index -> id)."""
 
     @abstractmethod
-    def heartbeat(self, experiment: str, task_index: int, step: int, loss: float | None) -> None: ...
+    def heartbeat(self, experiment: str, task_index: int, step: int, loss: float | None, at: float | None = None) -> None:
+        """The run is alive at time `at` (default now) and has reached `step`."""
 
     @abstractmethod
     def log_metrics(self, experiment: str, task_index: int, rows: list[tuple[int, str, float, float]]) -> None:

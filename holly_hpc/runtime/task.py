@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import submitit
 
 from ..experiment import Experiment
-from ..registry import open_registry
+from ..registry import open_registry, runtime_url
+from ..registry.spool import SPOOL_FILE, SpooledRegistry
 from .distributed import DistInfo, setup_distributed, teardown_distributed
 from .preemption import Preempted, StopRequest, exit_for_requeue
 
@@ -106,7 +108,8 @@ def run_task(experiment: Experiment, index: int, registry=None, stop_after_step:
     # Seed before building the model so initial weights are a function of the task seed alone.
     seed_everything(task.seed)
     kind = get_kind(config["kind"])(config, device, experiment.spec_dir, dist)
-    reporter = RegistryReporter(registry if dist.is_main else None, experiment.name, index)
+    reporter = RegistryReporter(registry if dist.is_main else None, experiment.name, index,
+                                flush_s=experiment.plan.get("registry_flush_s", 10.0))
     trainer = Trainer(kind, config, TaskPaths(experiment.task_dir(index)), reporter, label=task.task_id, out=out,
                       stop=stop, dist=dist)
     result = trainer.run(stop_after_step=stop_after_step)
@@ -142,7 +145,7 @@ class TaskRunner(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         stop = StopRequest().install()  # before anything slow: a signal during set-up is not lost
         experiment = Experiment.load(self.experiment_dir)
-        registry = open_registry(experiment.registry_url)
+        registry = open_registry(runtime_url(experiment.registry_url))
         done = [r for r in registry.runs(experiment.name) if r.task_index == self.task_index and r.state == "succeeded"]
         if done:  # e.g. an exported sbatch script run again (every rank sees this and stops together)
             print(f"task {self.task_index} already succeeded; nothing to do")
@@ -152,7 +155,9 @@ class TaskRunner(submitit.helpers.Checkpointable):
             if not dist.is_main:  # other ranks train alongside rank 0, which owns the task's bookkeeping
                 return self._train(experiment, None, stop, dist)
             local = os.environ.get("SUBMITIT_EXECUTOR") == "local" and not dist.active
-            with task_lock(experiment.task_dir(self.task_index)) as owned:
+            task_dir = experiment.task_dir(self.task_index)
+            registry = SpooledRegistry(registry, task_dir / SPOOL_FILE, label=experiment.task(self.task_index).task_id)
+            with task_lock(task_dir) as owned:
                 if not owned:
                     # A resubmission launched this task again while an earlier launch still holds it.
                     print(f"task {self.task_index} is already queued or running in another process; nothing to do")
@@ -172,12 +177,19 @@ class TaskRunner(submitit.helpers.Checkpointable):
 
     def _run(self, experiment: Experiment, registry, stop: StopRequest, dist: DistInfo) -> dict:
         name, index = experiment.name, self.task_index
-        self._attempt = registry.start_attempt(name, index, current_job_id(), socket.gethostname(), os.getpid())
+        # The start time names this attempt even if its start is spooled (the number comes on replay).
+        started = time.time()
+        self._attempt = registry.start_attempt(name, index, current_job_id(), socket.gethostname(), os.getpid(), at=started)
+
+        def end(reason: str, error: str | None = None) -> None:
+            registry.end_attempt(name, index, self._attempt, reason, error, started=started)
+
         try:
             result = run_task(experiment, index, registry, stop=stop, dist=dist)
         except Preempted as exc:
-            registry.end_attempt(name, index, self._attempt, "preempted", str(exc))
+            end("preempted", str(exc))
             registry.set_state(name, index, "pending", f"requeued: {exc}")
+            registry.replay()
             if exit_for_requeue() is False:
                 raise
         except BaseException as exc:
@@ -185,11 +197,15 @@ class TaskRunner(submitit.helpers.Checkpointable):
                 raise  # submitit's requeue exit after checkpoint(): the run is pending again, not failed
             cancelled = isinstance(exc, KeyboardInterrupt)
             error = "cancelled" if cancelled else traceback.format_exc(limit=20)
-            registry.end_attempt(name, index, self._attempt, "cancelled" if cancelled else "failed", error)
+            end("cancelled" if cancelled else "failed", error)
             registry.finish(name, index, "cancelled" if cancelled else "failed", None, error)
+            registry.replay()
             raise
-        registry.end_attempt(name, index, self._attempt, "completed")
+        end("completed")
         registry.finish(name, index, "succeeded", result.final_metrics, None)
+        if not registry.replay():
+            print(f"registry still unreachable: {registry.pending()} write(s) wait in {registry.spool_path}; "
+                  f"replay them with: holly-hpc registry sync {experiment.root}", file=sys.stderr)
         return result.final_metrics
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -199,7 +215,7 @@ class TaskRunner(submitit.helpers.Checkpointable):
         if self._attempt is not None:
             with contextlib.suppress(Exception):
                 experiment = Experiment.load(self.experiment_dir)
-                registry = open_registry(experiment.registry_url)
+                registry = open_registry(runtime_url(experiment.registry_url))
                 registry.end_attempt(experiment.name, self.task_index, self._attempt, "preempted")
                 registry.set_state(experiment.name, self.task_index, "pending", "requeued after SIGUSR2")
         return submitit.helpers.DelayedSubmission(TaskRunner(self.experiment_dir, self.task_index))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from .checkpoint import (
     latest_checkpoint,
@@ -29,27 +28,34 @@ from .preemption import Preempted, StopRequest
 
 
 class RegistryReporter:
-    """Registry writes for one run. A failing database never stops training: the error is reported once
-    on stderr and training goes on (the task's zarr store and TensorBoard still hold every metric)."""
+    """Registry writes for one run, batched: metrics are buffered and sent with a heartbeat at most every
+    `flush_s` seconds (and at the end), so a thousand array tasks make few, short connections. The registry
+    given is normally a SpooledRegistry: a database outage never stops training."""
 
-    def __init__(self, registry, experiment: str, task_index: int):
+    def __init__(self, registry, experiment: str, task_index: int, flush_s: float = 10.0):
         self.registry, self.experiment, self.task_index = registry, experiment, task_index
-        self._warned = False
-
-    def _safely(self, fn: Callable, *args) -> None:
-        try:
-            fn(self.experiment, self.task_index, *args)
-        except Exception as exc:  # noqa: BLE001 - any DB failure must not end the run
-            if not self._warned:
-                warnings.warn(f"run registry unavailable, training continues: {exc}", RuntimeWarning, stacklevel=2)
-                self._warned = True
+        self.flush_s = flush_s
+        self._rows: list[tuple] = []
+        self._last: tuple[int, float | None] | None = None  # step and loss of the newest log
+        self._flushed_at = time.time()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.registry is None:
             return
         now = time.time()
-        self._safely(self.registry.log_metrics, [(step, k, float(v), now) for k, v in metrics.items()])
-        self._safely(self.registry.heartbeat, step, metrics.get("loss"))
+        self._rows += [(step, k, float(v), now) for k, v in metrics.items()]
+        self._last = (step, metrics.get("loss"))
+        if now - self._flushed_at >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.registry is None or self._last is None:
+            return
+        rows, self._rows = self._rows, []
+        if rows:
+            self.registry.log_metrics(self.experiment, self.task_index, rows)
+        self.registry.heartbeat(self.experiment, self.task_index, *self._last)
+        self._flushed_at = time.time()
 
 
 @dataclass
@@ -145,5 +151,6 @@ class Trainer:
             self._print("done  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
             return TrainResult(True, self.step, final)
         finally:
+            self.reporter.flush()
             if tb is not None:
                 tb.close()
