@@ -440,6 +440,12 @@ def cmd_reference(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------- parser
+def _lookup_options(p: argparse.ArgumentParser) -> None:
+    """Where commands that take an experiment *name* find the registry that knows it."""
+    p.add_argument("--output-root", help=f"where to find the default registry (default: ./{DEFAULT_OUTPUT_ROOT})")
+    p.add_argument("--registry", help="registry URL (default: $HOLLY_REGISTRY_URL, then <output-root>/registry.sqlite)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -464,23 +470,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="one line per task: state, attempts, step, loss, elapsed")
     p.add_argument("experiment", nargs="?", metavar="EXPERIMENT",
                    help="experiment name, experiment folder or spec file (default: every experiment)")
-    p.add_argument("--output-root", help=f"where to find the default registry (default: ./{DEFAULT_OUTPUT_ROOT})")
-    p.add_argument("--registry", help="registry URL (default: $HOLLY_REGISTRY_URL, then <output-root>/registry.sqlite)")
+    _lookup_options(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("list", help="one line per experiment with its task counts by state")
     p.add_argument("--state", choices=STATES, help="only experiments with tasks in this state")
     p.add_argument("--since", help="only experiments created since: an age (3d, 12h, 30m) or a date (2026-11-01)")
-    p.add_argument("--output-root", help=f"where to find the default registry (default: ./{DEFAULT_OUTPUT_ROOT})")
-    p.add_argument("--registry", help="registry URL")
+    _lookup_options(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("logs", help="print a task's stdout (or stderr) files")
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
     p.add_argument("--task", type=int, required=True, help="task index")
     p.add_argument("--stderr", action="store_true", help="print stderr instead of stdout")
-    p.add_argument("--output-root")
-    p.add_argument("--registry")
+    _lookup_options(p)
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("runs", help="an experiment's tasks with overrides and final metrics, sorted")
@@ -488,30 +491,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", help="metric:KEY (or KEY) to sort by, ascending (best first for errors)")
     p.add_argument("--desc", action="store_true", help="sort descending (best first for scores)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--output-root")
-    p.add_argument("--registry")
+    _lookup_options(p)
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("show", help="one run: config, provenance, attempts, final metrics, paths (JSON)")
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
     p.add_argument("--task", type=int, required=True, help="task index")
-    p.add_argument("--output-root")
-    p.add_argument("--registry")
+    _lookup_options(p)
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("registry", help="registry maintenance: init, migrate, sync")
     p.add_argument("action", choices=["init", "migrate", "sync"])
     p.add_argument("target", nargs="?", metavar="URL|EXPERIMENT",
                    help="init/migrate: registry URL (default $HOLLY_REGISTRY_URL, then ./runs/registry.sqlite); sync: experiment")
-    p.add_argument("--output-root")
-    p.add_argument("--registry")
+    _lookup_options(p)
     p.set_defaults(func=cmd_registry)
 
     p = sub.add_parser("cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM)")
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
     p.add_argument("--task", type=int, help="only this task index")
-    p.add_argument("--output-root")
-    p.add_argument("--registry")
+    _lookup_options(p)
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("sbatch", help="freeze the spec and write a standalone sbatch array script")
@@ -528,8 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="recompute a finished task's metrics and pictures from its checkpoint")
     p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
     p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
-    p.add_argument("--output-root")
-    p.add_argument("--registry")
+    _lookup_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), registry (concurrent writers)")

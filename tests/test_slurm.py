@@ -151,13 +151,16 @@ def _slurm_state(job_id: str) -> str:
 def test_sigusr2_checkpoints_requeues_and_finishes_identically(slurm, write_spec, tmp_path):
     from holly_hpc.launch.submit import submit
 
-    changes = {"train": {"steps": 600, "log_every": 20, "checkpoint_every": 200}}
+    # Heartbeats every log (flush_seconds 0), and long enough that the signal lands mid-run.
+    changes = {"train": {"steps": 2000, "log_every": 20, "checkpoint_every": 200}, "registry": {"flush_seconds": 0}}
     reference = write_spec({**changes, "experiment": "ref", "launch": {"cluster": "debug", "threads": 1}}, name="ref.yaml")
     assert submit(reference).registry.runs("ref")[0].state == "succeeded"
     path = write_spec({**SLURM_SPEC, **changes, "experiment": "pre"}, name="pre.yaml")
     assert _sh("submit", path).returncode == 0
     root = tmp_path / "runs" / "pre"
-    run = _wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 40 and r, what="training to be under way")
+    run = _wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 40 and r, poll=0.2,
+                    what="training to be under way")
+    assert run.last_step < 2000
     subprocess.run(["scancel", "--signal=USR2", run.job_id], check=True)
     _wait_for(lambda: _runs(root)[0].state == "pending", what="the checkpoint and requeue")
     _wait_for(lambda: _release_requeued(run.job_id) and _runs(root)[0].state == "succeeded", timeout=300, poll=3,
@@ -166,7 +169,7 @@ def test_sigusr2_checkpoints_requeues_and_finishes_identically(slurm, write_spec
     assert final.attempts == 2
     ref = load_checkpoint(latest_checkpoint(Experiment.load(tmp_path / "runs" / "ref").task_dir(0) / "checkpoints"))
     got = load_checkpoint(latest_checkpoint(Experiment.load(root).task_dir(0) / "checkpoints"))
-    assert got["step"] == ref["step"] == 600
+    assert got["step"] == ref["step"] == 2000
     for key, tensor in ref["kind"]["net"].items():
         assert torch.equal(tensor, got["kind"]["net"][key]), key
     exp = Experiment.load(root)

@@ -36,11 +36,17 @@ def select_device(name: str, local_rank: int | None = None):
 
 
 def cpu_threads(launch: dict, n_tasks: int) -> int:
-    """launch.threads, or (0) this machine's cores shared among the tasks that run at once."""
+    """launch.threads; else on SLURM the CPUs the job was given; else (local) the cores this process may
+    use, shared among the tasks that run at once (oversubscribed OpenMP threads slow torch down badly)."""
     if launch.get("threads"):
         return int(launch["threads"])
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    available = len(os.sched_getaffinity(0))
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return available
     at_once = max(1, min(int(launch.get("array_parallelism", 1)), n_tasks))
-    return max(1, (os.cpu_count() or 1) // at_once)
+    return max(1, available // at_once)
 
 
 @contextlib.contextmanager
