@@ -374,6 +374,13 @@ def cmd_logs(args) -> int:
     exp = _experiment_from(args, args.experiment)
     logs = sorted(exp.submitit_dir.glob("*_log.out" if not args.stderr else "*_log.err"), key=os.path.getmtime)
     mine = [p for p in logs if _log_belongs_to(p, exp, args.task)]
+    # Scripts from `holly-hpc sbatch` log to <experiment>/slurm-logs/<array>_<task>.out, named by the job ids
+    # the task's attempts recorded.
+    registry = open_registry(runtime_url(exp.registry_url))
+    for attempt in registry.attempts(exp.name, args.task):
+        path = exp.root / "slurm-logs" / f"{attempt['job_id']}.{'err' if args.stderr else 'out'}"
+        if attempt["job_id"] and path.exists() and path not in mine:
+            mine.append(path)
     if not mine:
         print(f"no logs for task {args.task} under {exp.submitit_dir}", file=sys.stderr)
         return 1

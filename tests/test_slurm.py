@@ -210,3 +210,5 @@ def test_exported_sbatch_script_runs_the_same_tasks(slurm, write_spec, tmp_path)
     assert [r.task_id for r in _runs(root)] == expected
     for task in Experiment.load(root).tasks:
         assert (Experiment.load(root).task_dir(task.index) / "final" / "metrics.json").exists()
+    logs = _sh("logs", root, "--task", "1")
+    assert logs.returncode == 0 and "slurm-logs" in logs.stdout and "step 20/20" in logs.stdout

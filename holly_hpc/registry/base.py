@@ -96,5 +96,9 @@ class Registry(ABC):
     def experiments(self) -> list[ExperimentRow]: ...
 
     @abstractmethod
+    def attempts(self, experiment: str, task_index: int) -> list[dict]:
+        """Every execution of one run, oldest first: attempt, job_id, host, pid, started, ended, exit_reason, error."""
+
+    @abstractmethod
     def metrics(self, experiment: str, task_index: int) -> list[tuple[int, str, float]]:
         """(step, key, value) of one run, ordered by step then key."""
