@@ -90,3 +90,16 @@ def test_reconstruct_cpu_spec_reaches_the_readme_structure_error(tmp_path):
     assert metrics["step"] == 4000
     assert metrics["structure_error"] <= 0.05, metrics
     assert metrics["rot_err_median_deg"] < 10, metrics
+
+
+@pytest.mark.slow
+def test_reconstruct_asymmetric_cpu_spec_reaches_the_readme_figures(tmp_path):
+    """jobspecs/reconstruct-asymmetric-cpu.yaml: four pose hypotheses recover an asymmetric structure."""
+    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
+    done = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/reconstruct-asymmetric-cpu.yaml", "--wait"],
+                          cwd=tmp_path, env=env_for_subprocess(), capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (metrics_file,) = (tmp_path / "runs" / "reconstruct-asymmetric-cpu").glob("tasks/*/final/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["structure_error"] <= 0.05, metrics
+    assert metrics["rot_err_median_deg"] < 30, metrics

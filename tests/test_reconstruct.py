@@ -318,3 +318,40 @@ def test_points_can_start_from_an_obj(tmp_path):
     assert torch.allclose(kind.points.detach(), load_structure("npc", 60, 0.5).points, atol=1e-5)
     with pytest.raises(SpecError, match="model.init: expected an existing OBJ file"):
         _spec(tmp_path, name="noinit", model={"init": "missing.obj"})
+
+
+def test_best_of_hypotheses_trains_the_best_head_only():
+    from holly_hpc.recon.losses import best_of_hypotheses, image_loss
+    from holly_hpc.recon.render import render_images
+
+    structure = load_structure("asymmetric", 40, 0.7).points
+    g = torch.Generator().manual_seed(0)
+    truth = random_rotations(3, g)
+    target = render_images(structure, truth, 1.5, 24)
+    wrong = random_rotations(3, g)
+    # Head 1 holds the true rotations for images 0 and 2, head 0 for image 1.
+    candidates = torch.stack((wrong, truth), dim=1).clone()
+    candidates[1] = torch.stack((truth[1], wrong[1]))
+    candidates.requires_grad_(True)
+
+    def render(rotations, k):
+        return render_images(structure, rotations, 1.5, 24)
+
+    loss, best, rendered = best_of_hypotheses(candidates, render, target, "l2", False)
+    assert loss.item() < 1e-10 and torch.allclose(best, truth) and torch.allclose(rendered, target, atol=1e-6)
+    # With one hypothesis it is the plain loss.
+    one, _, _ = best_of_hypotheses(wrong[:, None], render, target, "l2", False)
+    assert one.item() == pytest.approx(image_loss(render_images(structure, wrong, 1.5, 24), target, "l2").item(), rel=1e-6)
+
+
+def test_reconstruct_with_several_hypotheses_trains_and_resumes_exactly(tmp_path):
+    whole = _experiment(tmp_path, "hwhole", model={"hypotheses": 3})
+    cut = _experiment(tmp_path, "hcut", model={"hypotheses": 3})
+    run_task(whole, 0, out=io.StringIO())
+    run_task(cut, 0, stop_after_step=11, out=io.StringIO())
+    run_task(cut, 0, out=io.StringIO())
+    a = load_checkpoint(latest_checkpoint(whole.task_dir(0) / "checkpoints"))["kind"]
+    b = load_checkpoint(latest_checkpoint(cut.task_dir(0) / "checkpoints"))["kind"]
+    assert a["net"]["rotation.weight"].shape == (18, 32)  # 3 hypotheses x 6D
+    assert torch.equal(a["points"], b["points"])
+    assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])

@@ -18,7 +18,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .geometry import rotation_error_deg
-from .losses import image_loss
+from .losses import best_of_hypotheses, image_loss
 from .metrics import rotation_error_summary
 from .posenet import PoseNet
 from .render import render_images
@@ -54,7 +54,8 @@ class PoseTask(TaskKind):
         self.structure = load_structure(data["structure"], data["num_points"], data["radius"], base_dir,
                                         data["symmetry"])
         self.points = self.structure.points.to(device)
-        self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"]).to(device)
+        self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
+                           hypotheses=model["hypotheses"]).to(device)
         self.trained = wrap_ddp(self.net, self.dist, device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
@@ -73,11 +74,20 @@ class PoseTask(TaskKind):
         data = self.config["data"]
         return render_images(self.points, rotations, data["sigma"], data["image_size"], translations)
 
+    def _best(self, pred, images: torch.Tensor):
+        """(loss, best rotations) over the network's rotation hypotheses."""
+        def render(rotations: torch.Tensor, k: int) -> torch.Tensor:
+            t = None if pred.translations is None else pred.translations.repeat_interleave(k, dim=0)
+            return self._render(rotations, t)
+
+        loss, best, _ = best_of_hypotheses(pred.candidates, render, images, self.config["train"]["loss"], False)
+        return loss, best
+
     def train_step(self, step: int) -> dict[str, float]:
         batch = self.dist.shard(self._batch(step, self.config["train"]["batch_size"]))
         self.net.train()
         pred = self.trained(batch["images"])
-        loss = image_loss(self._render(pred.rotations, pred.translations), batch["images"], self.config["train"]["loss"])
+        loss, _ = self._best(pred, batch["images"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -92,7 +102,8 @@ class PoseTask(TaskKind):
             was_training = self.net.training
             self.net.eval()
             pred = self.net(self.eval_set["images"])
-            self._eval_cache = (self._weights_version, (pred.rotations, pred.translations))
+            _, best = self._best(pred, self.eval_set["images"])  # the hypothesis whose render fits best
+            self._eval_cache = (self._weights_version, (best, pred.translations))
             self.net.train(was_training)
         return self._eval_cache[1]
 

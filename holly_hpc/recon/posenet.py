@@ -21,9 +21,10 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 @dataclass
 class PosePrediction:
-    rotations: torch.Tensor  # (B, 3, 3)
+    rotations: torch.Tensor  # (B, 3, 3): the first hypothesis (or the best, once a kind has chosen)
     translations: torch.Tensor | None  # (B, 2), image-frame units
     sigma: torch.Tensor | None  # (B,), pixels
+    candidates: torch.Tensor | None = None  # (B, K, 3, 3): every rotation hypothesis
 
 
 MIN_SIGMA_PX = 0.5  # a predicted blur below half a pixel would alias
@@ -38,7 +39,7 @@ class PoseNet(nn.Module):
     """
 
     def __init__(self, channels: list[int], hidden: int, max_translation: float = 0.0, in_channels: int = 1,
-                 max_sigma: float = 0.0):
+                 max_sigma: float = 0.0, hypotheses: int = 1):
         super().__init__()
         stages, c_in = [], in_channels
         for c_out in channels:
@@ -46,7 +47,8 @@ class PoseNet(nn.Module):
             c_in = c_out
         self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True))
-        self.rotation = nn.Linear(hidden, 6)
+        self.hypotheses = int(hypotheses)
+        self.rotation = nn.Linear(hidden, 6 * self.hypotheses)
         self.max_translation = float(max_translation)
         self.translation = nn.Linear(hidden, 2) if self.max_translation > 0 else None
         self.max_sigma = float(max_sigma)
@@ -57,10 +59,11 @@ class PoseNet(nn.Module):
         if images.dim() == 3:
             images = images[:, None]
         h = self.head(self.features(images))
-        rotations = rotation_from_6d(self.rotation(h))
+        candidates = rotation_from_6d(self.rotation(h).reshape(-1, self.hypotheses, 6))  # (B, K, 3, 3)
+        rotations = candidates[:, 0]
         translations = sigma = None
         if self.translation is not None:
             translations = torch.tanh(self.translation(h)) * self.max_translation
         if self.sigma is not None:
             sigma = MIN_SIGMA_PX + torch.sigmoid(self.sigma(h)[:, 0]) * (self.max_sigma - MIN_SIGMA_PX)
-        return PosePrediction(rotations, translations, sigma)
+        return PosePrediction(rotations, translations, sigma, candidates)

@@ -18,7 +18,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .curriculum import sigma_at
-from .losses import image_loss
+from .losses import best_of_hypotheses, image_loss
 from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
 from .posenet import PoseNet
 from .render import render_images
@@ -48,14 +48,24 @@ def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> li
 class ReconstructModel(nn.Module):
     """The pose network and the learnable point cloud as one module, so DDP can wrap (and sync) both."""
 
-    def __init__(self, net: PoseNet, points: torch.Tensor, image_size: int):
+    def __init__(self, net: PoseNet, points: torch.Tensor, image_size: int, loss: str, normalise: bool):
         super().__init__()
         self.net, self.points, self.image_size = net, nn.Parameter(points), image_size
+        self.loss_kind, self.normalise = loss, normalise
 
     def forward(self, images: torch.Tensor, sigma: float):
+        """-> (prediction with the best hypothesis as its rotations, its renders, the loss)."""
         pred = self.net(images)
         used = pred.sigma if pred.sigma is not None else sigma
-        return pred, render_images(self.points, pred.rotations, used, self.image_size, pred.translations)
+
+        def render(rotations: torch.Tensor, k: int) -> torch.Tensor:
+            s = used.repeat_interleave(k) if torch.is_tensor(used) else used
+            t = None if pred.translations is None else pred.translations.repeat_interleave(k, dim=0)
+            return render_images(self.points, rotations, s, self.image_size, t)
+
+        loss, pred.rotations, rendered = best_of_hypotheses(pred.candidates, render, images, self.loss_kind,
+                                                            self.normalise)
+        return pred, rendered, loss
 
 
 class ReconstructTask(TaskKind):
@@ -98,9 +108,10 @@ class ReconstructTask(TaskKind):
         data, model, train = config["data"], config["model"], config["train"]
         self.source = make_source(data, config["seed"], device, base_dir)
         net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
-                      max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0)
+                      max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0, hypotheses=model["hypotheses"])
         g = torch.Generator().manual_seed(config["seed"])
-        self.model = ReconstructModel(net, initial_points(model, base_dir, g), data["image_size"]).to(device)
+        self.model = ReconstructModel(net, initial_points(model, base_dir, g), data["image_size"], train["loss"],
+                                      train["normalise"]).to(device)
         self.net, self.points = self.model.net, self.model.points
         # DDP averages the gradients of the network and the points across ranks.
         self.trained = wrap_ddp(self.model, self.dist, device)
@@ -125,8 +136,7 @@ class ReconstructTask(TaskKind):
         sigma = self.sigma()
         batch = self.dist.shard(self.source.train_batch(step, self.config["train"]["batch_size"], sigma))
         self.model.train()
-        pred, rendered = self.trained(batch["images"], sigma)
-        loss = self._loss(rendered, batch["images"])
+        pred, _, loss = self.trained(batch["images"], sigma)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -144,7 +154,7 @@ class ReconstructTask(TaskKind):
         sigma = self.sigma()
         batch = self.source.eval_batch(sigma)
         self.model.eval()
-        pred, rendered = self.model(batch["images"], sigma)  # the unwrapped module: no collective ops
+        pred, rendered, _ = self.model(batch["images"], sigma)  # the unwrapped module: no collective ops
         self.model.train()
         return batch, pred, rendered
 
