@@ -6,8 +6,6 @@ import json
 
 from .spec import _resolve, load_schema
 
-SECTION_ORDER = ["(top level)", "sweep", "launch", "registry"]
-
 
 def _type_of(schema: dict) -> str:
     if "anyOf" in schema:

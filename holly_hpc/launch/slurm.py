@@ -10,9 +10,6 @@ import subprocess
 
 from ..runtime.preemption import REQUEUE_EXIT_CODE
 
-# sacct states after which a job will not run again by itself
-TERMINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                         "BOOT_FAIL", "DEADLINE", "PREEMPTED", "REVOKED"}
 SIGNAL_DELAY_S = 90  # SIGUSR2 this long before the time limit: time to finish a step and checkpoint
 
 

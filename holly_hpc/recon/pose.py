@@ -18,7 +18,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .geometry import rotation_error_deg
-from .losses import best_of_hypotheses, image_loss
+from .losses import best_of_hypotheses
 from .metrics import rotation_error_summary
 from .posenet import PoseNet
 from .render import render_images
@@ -75,19 +75,18 @@ class PoseTask(TaskKind):
         return render_images(self.points, rotations, data["sigma"], data["image_size"], translations)
 
     def _best(self, pred, images: torch.Tensor):
-        """(loss, best rotations) over the network's rotation hypotheses."""
+        """(loss, best rotations, their renders) over the network's rotation hypotheses."""
         def render(rotations: torch.Tensor, k: int) -> torch.Tensor:
             t = None if pred.translations is None else pred.translations.repeat_interleave(k, dim=0)
             return self._render(rotations, t)
 
-        loss, best, _ = best_of_hypotheses(pred.candidates, render, images, self.config["train"]["loss"], False)
-        return loss, best
+        return best_of_hypotheses(pred.candidates, render, images, self.config["train"]["loss"], False)
 
     def train_step(self, step: int) -> dict[str, float]:
         batch = self.dist.shard(self._batch(step, self.config["train"]["batch_size"]))
         self.net.train()
         pred = self.trained(batch["images"])
-        loss, _ = self._best(pred, batch["images"])
+        loss, _, _ = self._best(pred, batch["images"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -97,29 +96,27 @@ class PoseTask(TaskKind):
         return {"loss": loss.item(), "lr": lr}
 
     @torch.no_grad()
-    def _predict_eval(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _predict_eval(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(best rotations, translations, their renders, loss) on the held-out set, once per weights."""
         if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
             was_training = self.net.training
             self.net.eval()
             pred = self.net(self.eval_set["images"])
-            _, best = self._best(pred, self.eval_set["images"])  # the hypothesis whose render fits best
-            self._eval_cache = (self._weights_version, (best, pred.translations))
+            loss, best, rendered = self._best(pred, self.eval_set["images"])  # the hypothesis that fits best
+            self._eval_cache = (self._weights_version, (best, pred.translations, rendered, loss))
             self.net.train(was_training)
         return self._eval_cache[1]
 
     def evaluate(self) -> dict[str, float]:
-        rotations, translations = self._predict_eval()
+        rotations, _, _, loss = self._predict_eval()
         errors = rotation_error_deg(rotations, self.eval_set["rotations"], self.structure.symmetry)
-        with torch.no_grad():
-            rendered = self._render(rotations, translations)
         metrics = rotation_error_summary(errors)
-        metrics["eval_loss"] = image_loss(rendered, self.eval_set["images"], self.config["train"]["loss"]).item()
+        metrics["eval_loss"] = loss.item()
         return metrics
 
     def image_grids(self) -> dict[str, torch.Tensor]:
-        rotations, translations = self._predict_eval()
-        with torch.no_grad():
-            rendered = self._render(rotations[:N_SHOWN], None if translations is None else translations[:N_SHOWN])
+        _, _, rendered, _ = self._predict_eval()
+        rendered = rendered[:N_SHOWN]
         inputs = self.eval_set["images"][:N_SHOWN]
         return {"eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered)])}
 
@@ -134,7 +131,7 @@ class PoseTask(TaskKind):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
-        rotations, translations = self._predict_eval()
+        rotations, translations, _, _ = self._predict_eval()
         errors = rotation_error_deg(rotations, self.eval_set["rotations"], self.structure.symmetry)
         store.write_array("eval/rotations_true", self.eval_set["rotations"].cpu().numpy())
         store.write_array("eval/rotations_pred", rotations.cpu().numpy())

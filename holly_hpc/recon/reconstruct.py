@@ -18,7 +18,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .curriculum import sigma_at
-from .losses import best_of_hypotheses, image_loss
+from .losses import best_of_hypotheses
 from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
 from .posenet import PoseNet
 from .render import render_images
@@ -121,16 +121,13 @@ class ReconstructTask(TaskKind):
         ])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self.step_done = 0  # progress of the curriculum, restored with the checkpoint
+        self._weights_version, self._eval_cache = 0, None
 
     # ------------------------------------------------------------------ training
     def sigma(self) -> float:
         return sigma_at(self.step_done / self.config["train"]["steps"], self.config["data"]["sigma"],
                         self.config["data"]["sigma_end"])
 
-
-    def _loss(self, rendered, images) -> torch.Tensor:
-        train = self.config["train"]
-        return image_loss(rendered, images, train["loss"], train["normalise"])
 
     def train_step(self, step: int) -> dict[str, float]:
         sigma = self.sigma()
@@ -143,6 +140,7 @@ class ReconstructTask(TaskKind):
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scheduler.step()
         self.step_done = step + 1
+        self._weights_version += 1
         metrics = {"loss": loss.item(), "sigma": sigma, "lr": lrs[0], "lr_points": lrs[1]}
         if pred.sigma is not None:
             metrics["sigma_predicted"] = pred.sigma.mean().item()
@@ -151,16 +149,20 @@ class ReconstructTask(TaskKind):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _eval(self):
-        sigma = self.sigma()
-        batch = self.source.eval_batch(sigma)
-        self.model.eval()
-        pred, rendered, _ = self.model(batch["images"], sigma)  # the unwrapped module: no collective ops
-        self.model.train()
-        return batch, pred, rendered
+        """(held-out batch, prediction, renders, loss), computed once per weights: evaluate, image_grids and
+        write_outputs all ask for it at the same step."""
+        if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
+            sigma = self.sigma()
+            batch = self.source.eval_batch(sigma)
+            self.model.eval()
+            pred, rendered, loss = self.model(batch["images"], sigma)  # the unwrapped module: no collective ops
+            self.model.train()
+            self._eval_cache = (self._weights_version, (batch, pred, rendered, loss))
+        return self._eval_cache[1]
 
     def evaluate(self) -> dict[str, float]:
-        batch, pred, rendered = self._eval()
-        metrics = {"eval_loss": self._loss(rendered, batch["images"]).item()}
+        batch, pred, _, loss = self._eval()
+        metrics = {"eval_loss": loss.item()}
         truth = self.source.ground_truth
         if truth is not None:
             metrics["structure_error"] = structure_error(self.points.detach(), truth.points)
@@ -169,7 +171,7 @@ class ReconstructTask(TaskKind):
         return metrics
 
     def image_grids(self) -> dict[str, torch.Tensor]:
-        batch, _, rendered = self._eval()
+        batch, _, rendered, _ = self._eval()
         inputs = batch["images"][:N_SHOWN]
         return {"eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered[:N_SHOWN])]),
                 "structure/views": self.orthogonal_views()}
@@ -199,6 +201,7 @@ class ReconstructTask(TaskKind):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_done = state["step_done"]
+        self._weights_version += 1
 
     def on_checkpoint(self, step: int, store) -> None:
         """Keep the point cloud of every checkpoint in outputs.zarr (slot = checkpoint number)."""
@@ -209,7 +212,7 @@ class ReconstructTask(TaskKind):
         store.write_slot("structure/checkpoint_steps", slot, slots, step)
 
     def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
-        batch, pred, _ = self._eval()
+        batch, pred, _, _ = self._eval()
         points = self.points.detach().cpu().numpy()
         store.write_array("structure/points", points)
         store.write_array("eval/rotations_pred", pred.rotations.cpu().numpy())
