@@ -415,21 +415,43 @@ def _experiment_from(args, target: str) -> Experiment:
     return Experiment.load(match[0].experiment_dir)
 
 
-def cmd_eval(args) -> int:
-    from .runtime.evaluate import evaluate_task
-
+def _task_from(args) -> tuple[Experiment | None, int]:
+    """RUN as a task folder, or an experiment (folder or name) with --task N."""
     target = Path(args.run)
     if (target / "checkpoints").is_dir() and (target.parent.parent / PLAN).exists():
         exp = Experiment.load(target.parent.parent)  # a task folder: <experiment>/tasks/<id>
-        index = next(t.index for t in exp.tasks if exp.root / t.rel_dir == target.resolve())
-    else:
-        if args.task is None:
-            print("error: give a task folder, or an experiment with --task N", file=sys.stderr)
-            return 1
-        exp, index = _experiment_from(args, args.run), args.task
+        return exp, next(t.index for t in exp.tasks if exp.root / t.rel_dir == target.resolve())
+    if args.task is None:
+        print("error: give a task folder, or an experiment with --task N", file=sys.stderr)
+        return None, 0
+    return _experiment_from(args, args.run), args.task
+
+
+def cmd_eval(args) -> int:
+    from .runtime.evaluate import evaluate_task
+
+    exp, index = _task_from(args)
+    if exp is None:
+        return 1
     metrics = evaluate_task(exp, index)
     print(f"task {exp.task(index).task_id} at step {metrics.pop('step')}: outputs rewritten in {exp.task_dir(index) / 'final'}")
     _table(["metric", "value"], [[k, f"{v:.6g}"] for k, v in metrics.items()])
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .embed.infer import embed_new_images
+
+    exp, index = _task_from(args)
+    if exp is None:
+        return 1
+    output = Path(args.output) if args.output else Path(args.input).with_name(Path(args.input).name + ".embeddings.zarr")
+    summary = embed_new_images(exp, index, Path(args.input), output, labels=args.labels, batch_size=args.batch_size,
+                               overwrite=args.overwrite, device=args.device,
+                               skip_bad=True if args.skip_bad else None)
+    print(f"{summary['embedded']} image(s) embedded, {summary['skipped']} skipped, dimension {summary['dim']}, "
+          f"checkpoint step {summary['step']}")
+    print(f"embeddings: {summary['output']} (embeddings/embedding, index, id, label)")
     return 0
 
 
@@ -537,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     _lookup_options(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("embed", help="embed new images (folder of TIFF/PNG, zarr, OME-Zarr) with a trained embed task")
+    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
+    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
+    p.add_argument("--input", required=True, help="folder of images, zarr group (array 'images') or OME-Zarr image")
+    p.add_argument("--output", help="zarr store to write (default: <input>.embeddings.zarr beside the input)")
+    p.add_argument("--labels", default="none", help="labels of a folder input: none, folders, or a CSV file,label")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (default: as the run's spec says)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: the spec's train.embed_batch_size)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
+    _lookup_options(p)
+    p.set_defaults(func=cmd_embed)
+
     p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), registry (concurrent writers)")
     p.add_argument("what", choices=["render", "train", "registry"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)")
@@ -555,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(exc.problems)} problem(s) in the spec:", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
 

@@ -17,6 +17,7 @@ import torch
 KINDS = {
     "pose": "holly_hpc.recon.pose:PoseTask",
     "reconstruct": "holly_hpc.recon.reconstruct:ReconstructTask",
+    "embed": "holly_hpc.embed.task:EmbedTask",
 }
 
 
@@ -51,6 +52,15 @@ class TaskKind(ABC):
 
     def point_clouds(self) -> dict[str, torch.Tensor]:
         """Named (N, 3) point clouds for TensorBoard's mesh dashboard."""
+        return {}
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        """Named 1-D tensors for TensorBoard's histogram dashboard, e.g. how often each code is used."""
+        return {}
+
+    def projector(self) -> dict[str, dict]:
+        """Named embeddings for TensorBoard's projector, written once at the end: {tag: {"embeddings":
+        (N, D), "labels": [str] or None, "thumbnails": (N, 3, h, w) in [0, 1] or None}}."""
         return {}
 
     def on_checkpoint(self, step: int, store) -> None:

@@ -139,6 +139,15 @@ class TensorBoardSink:
         colors = torch.stack((depth, 255 - depth, torch.full_like(depth, 128)), -1)
         self.writer.add_mesh(tag, vertices=points[None].float(), colors=colors[None], global_step=step)
 
+    def histogram(self, tag: str, step: int, values: torch.Tensor) -> None:
+        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def embedding(self, tag: str, step: int, embeddings: torch.Tensor, labels: list[str] | None,
+                  thumbnails: torch.Tensor | None) -> None:
+        """Embeddings for the projector, with their labels and thumbnails (sprites)."""
+        self.writer.add_embedding(embeddings.detach().float().cpu(), metadata=labels, label_img=thumbnails,
+                                  global_step=step, tag=tag)
+
     def hparams(self, hparams: dict, final_metrics: dict[str, float], step: int) -> None:
         """Write hparams into this run itself: SummaryWriter.add_hparams would open a stray subfolder."""
         from torch.utils.tensorboard.summary import hparams as hparams_summary

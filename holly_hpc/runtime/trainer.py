@@ -121,12 +121,15 @@ class Trainer:
                 metrics = self.kind.train_step(self.step)
                 self.step += 1
                 if self.step % self.log_every == 0 and main:
+                    metrics = {k: float(v) for k, v in metrics.items()}  # kinds may return tensors
                     metrics.update(self.kind.evaluate())
                     tb.scalars(self.step, metrics)
                     for tag, image in self.kind.image_grids().items():
                         tb.image(tag, self.step, image)
                     for tag, points in self.kind.point_clouds().items():
                         tb.point_cloud(tag, self.step, points)
+                    for tag, values in self.kind.histograms().items():
+                        tb.histogram(tag, self.step, values)
                     store.write(self.step // self.log_every - 1, self.step, metrics)
                     self.reporter.log(self.step, metrics)
                     rate = (self.step - first) / max(time.time() - t0, 1e-9)
@@ -146,6 +149,8 @@ class Trainer:
             if not main:
                 return TrainResult(True, self.step, None)
             final = self.kind.write_outputs(self.paths.final, store)
+            for tag, view in self.kind.projector().items():
+                tb.embedding(tag, self.step, view["embeddings"], view.get("labels"), view.get("thumbnails"))
             tb.hparams(flat_hparams(self.config), final, self.step)
             write_json_atomic(self.paths.final / "metrics.json", {"step": self.step, **final})
             self._print("done  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))

@@ -1,0 +1,183 @@
+"""The embed kind's data: a collection of images, split, normalised, brought to one size, batched, augmented.
+
+Batches are a pure function of (seed, step), like every kind's: training walks a seeded permutation of
+the training split epoch by epoch, and augmentations draw from the step's own generator, so a resumed run
+sees exactly the batches an uninterrupted one would. Nothing is read before it is needed (a dataset larger
+than memory streams from disk); when the whole dataset fits in data.cache_mb, prepared items are kept.
+
+Splits are assigned per image from a hash of its id, so they do not depend on file order, on the seed, or
+on images added later; each image's split is written beside its embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io.images import ImageCollection, ImageFormatError, open_collection
+from .models import normalise_per_channel
+from .synthetic import SyntheticCells
+
+SPLITS = ("train", "val", "test")
+
+
+def make_collection(data: dict, seed: int, base_dir: Path) -> ImageCollection:
+    """The spec's data source as an ImageCollection."""
+    source = data["source"]
+    if source == "synthetic":
+        options = data["synthetic"]
+        return SyntheticCells(options["count"], options.get("size") or data["image_size"], options["classes"],
+                              options["seed"] if options.get("seed") is not None else seed)
+    options = dict(data[source])
+    if source == "folder":
+        options.setdefault("on_bad", data["on_bad_file"])
+        options.setdefault("channels", data.get("channels"))
+    if source == "ome_zarr":
+        options.setdefault("tile", data["image_size"])
+    return open_collection(source, options, base_dir)
+
+
+def split_of(item_id: str, val: float, test: float) -> str:
+    """train, val or test from a hash of the id: stable whatever the order or number of other images."""
+    u = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2**64
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
+    """A generator that depends only on (seed, stream, step)."""
+    digest = hashlib.sha256(f"{seed}:{stream}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def fit_to_size(image: torch.Tensor, size: int, offset: tuple[int, int] | None = None) -> torch.Tensor:
+    """(C, H, W) -> (C, size, size): crop (at `offset`, else centred) when larger, zero-pad around when smaller."""
+    _, h, w = image.shape
+    if h > size or w > size:
+        top, left = offset if offset is not None else ((h - size) // 2, (w - size) // 2)
+        top, left = max(0, min(top, h - size)), max(0, min(left, w - size))
+        image = image[:, top:top + size, left:left + size] if h > size and w > size else \
+            image[:, top:top + size, :] if h > size else image[:, :, left:left + size]
+        _, h, w = image.shape
+    if h < size or w < size:
+        pad_h, pad_w = size - h, size - w
+        image = torch.nn.functional.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return image
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool,
+            jitter: float) -> torch.Tensor:
+    """Microscopy-safe augmentations of a batch (B, C, S, S) in [0, 1], vectorised over the batch: random
+    horizontal flips and quarter turns (a cell has no up or down), and a small gain/offset jitter per image
+    and channel (stains vary). Draws from `generator` always in the same order, whatever is switched on."""
+    batch = images.shape[0]
+    flip = torch.rand(batch, generator=generator) < 0.5
+    turns = torch.randint(0, 4, (batch,), generator=generator)
+    gain = 1 + jitter * (2 * torch.rand(batch, images.shape[1], 1, 1, generator=generator) - 1)
+    offset = 0.5 * jitter * (2 * torch.rand(batch, images.shape[1], 1, 1, generator=generator) - 1)
+    if flips:
+        images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+    if rot90:
+        turned = torch.stack([images.rot90(k, dims=(-2, -1)) for k in range(4)])  # (4, B, C, S, S)
+        images = turned[turns.to(images.device), torch.arange(batch, device=images.device)]
+    if jitter > 0:
+        images = (images * gain.to(images) + offset.to(images)).clamp(0, 1)
+    return images
+
+
+class EmbedDataset:
+    """Items of a collection as float tensors (C, S, S) in [0, 1], split and batched.
+
+    transform: an optional map from a prepared image (C, S, S) to the model's input (the shape family turns
+    images into distance matrices); load(..., transformed=False) returns the images themselves.
+    """
+
+    def __init__(self, collection: ImageCollection, data: dict, seed: int,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.collection, self.data, self.seed, self.transform = collection, data, seed, transform
+        self.size = data["image_size"]
+        self.low, self.high = data["normalise"]["low"], data["normalise"]["high"]
+        self.skip_bad = data["on_bad_file"] == "skip"
+        split = data["split"]
+        names = np.array([split_of(i, split["val"], split["test"]) for i in collection.ids])
+        self.split_names = names
+        self.splits = {name: np.flatnonzero(names == name) for name in SPLITS}
+        if len(self.splits["train"]) == 0:
+            raise ValueError(f"no training images: {len(collection)} images, all assigned to val/test by data.split")
+        self.labels = list(collection.labels)
+        self.label_names = sorted({label for label in self.labels if label is not None})
+        self.bad: list[tuple[str, str]] = [(b.path, b.reason) for b in collection.bad]
+        self.workers = data["workers"]
+        self._cache: dict[tuple[int, bool], torch.Tensor] = {}
+        item_bytes = collection.channels * self.size * self.size * 4
+        self.caching = len(collection) * item_bytes <= data["cache_mb"] * 2**20
+        self._permutation: tuple[int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ items
+    def prepare(self, index: int, transformed: bool = True) -> torch.Tensor:
+        """One item, normalised per channel and centred to image_size (plus the transform)."""
+        key = (index, transformed and self.transform is not None)
+        if key in self._cache:
+            return self._cache[key]
+        raw = np.asarray(self.collection.read(index), dtype=np.float32)  # exact for 16-bit data
+        image = normalise_per_channel(torch.from_numpy(raw)[None], self.low, self.high)[0]
+        item = fit_to_size(image, self.size)
+        if key[1]:
+            item = self.transform(item)
+        if self.caching:
+            self._cache[key] = item
+        return item
+
+    def load(self, indices, transformed: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+        """A batch (B, ...) of the given items and the indices actually loaded (bad files are dropped
+        under on_bad_file: skip, with a warning naming them; otherwise the error names the file)."""
+        def one(index: int):
+            try:
+                return self.prepare(int(index), transformed)
+            except (ImageFormatError, ValueError, OSError) as exc:
+                if not self.skip_bad:
+                    if isinstance(exc, ImageFormatError):
+                        raise
+                    raise ImageFormatError(f"{self.collection.ids[int(index)]}: {exc}") from exc
+                self.bad.append((self.collection.ids[int(index)], str(exc)))
+                warnings.warn(f"skipping {self.collection.ids[int(index)]}: {exc}", stacklevel=2)
+                return None
+
+        indices = list(indices)
+        if self.workers > 0 and len(indices) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:
+                items = list(pool.map(one, indices))
+        else:
+            items = [one(i) for i in indices]
+        kept = [(i, item) for i, item in zip(indices, items) if item is not None]
+        if not kept:
+            raise ImageFormatError(f"every image of a batch failed to load (first: {self.collection.ids[indices[0]]})")
+        return torch.stack([item for _, item in kept]), np.array([i for i, _ in kept], dtype=np.int64)
+
+    # ------------------------------------------------------------------ batches
+    def train_indices(self, step: int, batch_size: int) -> np.ndarray:
+        """The training items of `step`: positions step·B … step·B+B-1 of an endless sequence of seeded
+        epoch permutations of the training split."""
+        train = self.splits["train"]
+        n = len(train)
+        positions = np.arange(step * batch_size, (step + 1) * batch_size)
+        out = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(positions // n):
+            if self._permutation is None or self._permutation[0] != epoch:
+                order = torch.randperm(n, generator=step_generator(self.seed, 1, int(epoch))).numpy()
+                self._permutation = (int(epoch), order)
+            chosen = positions // n == epoch
+            out[chosen] = train[self._permutation[1][positions[chosen] % n]]
+        return out
+
+    def batches(self, indices, batch_size: int, transformed: bool = True) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(loaded indices, items) in order, for embedding or evaluating a whole split."""
+        indices = np.asarray(indices)
+        for start in range(0, len(indices), batch_size):
+            items, kept = self.load(indices[start:start + batch_size], transformed)
+            yield kept, items

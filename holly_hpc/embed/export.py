@@ -1,0 +1,65 @@
+"""Embeddings of every image into zarr, shared by the end of training and by `holly-hpc embed`.
+
+Layout, one group per split (or per input folder):
+
+    <group>/embedding  (N, D) float32   row r is the image split_indices[r]; NaN where it could not be read
+            /index      (N,) int64      the image's index in its collection (-1 where skipped)
+            /id         (N,) str        the image's id (file path relative to its root, page/tile)
+            /label      (N,) str        its label ("" when it has none)
+
+Rows are written a chunk at a time and every write covers whole chunks (chunk = batch), so several
+processes embedding disjoint ranges of one array never write the same chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import EmbedDataset
+
+
+@torch.no_grad()
+def embed_items(model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int, device: torch.device):
+    """Yield (row offset, kept mask, embeddings (b, D) numpy) over `indices` in batches, the model in eval
+    mode (VAE: the posterior mean; VQ-VAE: the quantised grid)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(indices), batch_size):
+            wanted = indices[start:start + batch_size]
+            items, kept = dataset.load(wanted)
+            embedding = model(items.to(device))["embedding"].float().cpu().numpy()
+            yield start, np.isin(wanted, kept), wanted, embedding
+    finally:
+        model.train(was_training)
+
+
+def write_embeddings(group, name: str, model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int,
+                     device: torch.device) -> np.ndarray:
+    """Embed dataset items `indices` into group/name (layout above); returns the embeddings (N, D) in memory
+    as well, NaN rows where an image was skipped."""
+    indices = np.asarray(indices, dtype=np.int64)
+    n, dim = len(indices), model.embedding_dim
+    chunk = (max(min(batch_size, n), 1),)
+    sub = group.require_group(name)
+    arrays = {
+        "embedding": sub.create_array("embedding", shape=(n, dim), dtype="f4", chunks=(chunk[0], dim),
+                                      fill_value=np.nan, overwrite=True),
+        "index": sub.create_array("index", shape=(n,), dtype="i8", chunks=chunk, fill_value=-1, overwrite=True),
+        "id": sub.create_array("id", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
+        "label": sub.create_array("label", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
+    }
+    out = np.full((n, dim), np.nan, dtype=np.float32)
+    ids, labels = dataset.collection.ids, dataset.labels
+    for start, kept, wanted, embedding in embed_items(model, dataset, indices, batch_size, device):
+        rows = slice(start, start + len(wanted))
+        block = np.full((len(wanted), dim), np.nan, dtype=np.float32)
+        block[kept] = embedding
+        out[rows] = block
+        arrays["embedding"][rows] = block
+        arrays["index"][rows] = np.where(kept, wanted, -1)
+        arrays["id"][rows] = np.array([ids[i] for i in wanted])
+        arrays["label"][rows] = np.array([labels[i] or "" for i in wanted])
+    sub.attrs.update({"images": n, "skipped": int(np.isnan(out[:, 0]).sum()) if n else 0, "dim": dim})
+    return out

@@ -1,0 +1,340 @@
+"""Task kind `embed`: learn a representation of microscopy images (or of cell shapes) that biologists can
+use to compare cells, then embed every image and measure what the embedding knows.
+
+Training minimises the family's loss (reconstruction plus its terms) on augmented batches of the training
+split. At the end: embeddings of every image to outputs.zarr (embeddings/<split>/…), TensorBoard's
+projector with thumbnails and labels, and, when images carry labels, classifier probes of the embedding
+against a baseline of the same dimension (final/eval.json, and the scores among the final metrics).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..runtime.distributed import DistInfo
+from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
+from ..runtime.outputs import image_rows, save_png
+from .data import SPLITS, EmbedDataset, make_collection, step_generator
+from .evaluation import evaluate_embeddings, flat_scores
+from .export import write_embeddings
+from .models import VAE, VQVAE, AutoEncoder, ChannelFoldingWrapper, EmbeddingModel
+
+N_SHOWN = 8  # images per row of the reconstruction grids
+THUMBNAIL = 32  # projector sprite size (pixels)
+
+
+# ------------------------------------------------------------------------------------------ the model
+def build_model(model: dict, channels: int, image_size: int, seed: int) -> EmbeddingModel:
+    """The spec's model section as an EmbeddingModel for images of `channels` x image_size²."""
+    family = model["family"]
+    if family == "shape":
+        from .shape import DistanceMatrixAutoEncoder
+
+        shape = model["shape"]
+        return DistanceMatrixAutoEncoder(shape["points"], model["latent_dim"], model["depth"], model["width"],
+                                         shape["diagonal_weight"], shape["symmetry_weight"],
+                                         shape["nonnegative_weight"])
+    generator = torch.Generator().manual_seed(seed)  # dead-code restarts draw from it: seeded, resumable
+    if family == "ae":
+        factory = functools.partial(AutoEncoder, model["depth"], image_size=image_size,
+                                    latent_dim=model["latent_dim"], width=model["width"])
+    elif family == "vae":
+        factory = functools.partial(VAE, model["depth"], image_size=image_size, latent_dim=model["latent_dim"],
+                                    beta=model["beta"], width=model["width"])
+    elif family == "vqvae":
+        factory = functools.partial(VQVAE, model["depth"], image_size=image_size,
+                                    codebook_size=model["codebook_size"], code_dim=model["code_dim"],
+                                    grid=model["grid"], ema_decay=model["ema_decay"],
+                                    dead_code_threshold=model["dead_code_threshold"],
+                                    commitment_weight=model["commitment_weight"], width=model["width"],
+                                    generator=generator)
+    else:
+        raise ValueError(f"unknown embed family {family!r}")
+    if model["channel_mode"] == "fold":
+        return ChannelFoldingWrapper(factory, channels, model["consistency_weight"])
+    return factory(in_channels=channels)
+
+
+def quantiser_of(model: EmbeddingModel):
+    """The VQ-VAE's quantiser (also inside a channel-folding wrapper), or None."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "quantiser", None)
+
+
+# ------------------------------------------------------------------------------------------ shapes
+class ShapeTransform:
+    """A prepared image (C, S, S) -> the distance matrix (1, N, N) of its mask's longest contour; the mask is
+    the Otsu threshold of one channel."""
+
+    def __init__(self, points: int, mask_channel: int, normalise_scale: bool):
+        self.points, self.mask_channel, self.normalise_scale = points, mask_channel, normalise_scale
+
+    def mask(self, image: torch.Tensor) -> np.ndarray:
+        from skimage.filters import threshold_otsu
+
+        if self.mask_channel >= image.shape[0]:
+            raise ValueError(f"model.shape.mask_channel {self.mask_channel} but the image has {image.shape[0]} channel(s)")
+        channel = image[self.mask_channel].numpy()
+        if channel.max() <= channel.min():
+            raise ValueError("the mask channel is constant: no cell to outline")
+        return channel > threshold_otsu(channel)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from .shape import contour_distance_matrix
+
+        matrix, _ = contour_distance_matrix(self.mask(image), self.points, self.normalise_scale)
+        return torch.from_numpy(np.asarray(matrix, dtype=np.float32))[None]
+
+
+def reindex_matrices(matrices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random cyclic start and direction per matrix (B, 1, N, N): the same contour, read from another point
+    and the other way round (augmentation for the shape family)."""
+    batch, n = matrices.shape[0], matrices.shape[-1]
+    shift = torch.randint(0, n, (batch, 1), generator=generator)
+    flip = torch.rand(batch, 1, generator=generator) < 0.5
+    position = torch.arange(n)[None]
+    order = torch.where(flip, shift - position, shift + position) % n  # (B, N)
+    order = order.to(matrices.device)
+    rows = matrices[:, 0].gather(1, order[:, :, None].expand(-1, -1, n))
+    return rows.gather(2, order[:, None, :].expand(-1, n, -1))[:, None]
+
+
+def contour_picture(points: np.ndarray, size: int) -> torch.Tensor:
+    """A contour (N, 2) drawn as a closed outline in a (size, size) image, scaled to fit."""
+    from skimage.draw import polygon_perimeter
+
+    centred = points - points.mean(0)
+    scale = (size / 2 - 2) / max(np.abs(centred).max(), 1e-9)
+    rr, cc = (centred * scale + size / 2).T
+    picture = torch.zeros(size, size)
+    r, c = polygon_perimeter(rr, cc, shape=(size, size), clip=True)
+    picture[r, c] = 1.0
+    return picture
+
+
+def composite(images: torch.Tensor, size: int = THUMBNAIL) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> (B, 3, size, size) colour thumbnails: grey for 1 channel, green + magenta
+    for 2 (body, nucleus), the first three as RGB otherwise."""
+    c = images.shape[1]
+    if c == 1:
+        rgb = images.expand(-1, 3, -1, -1)
+    elif c == 2:
+        rgb = torch.stack([images[:, 1], images[:, 0], images[:, 1]], 1)
+    else:
+        rgb = images[:, :3]
+    return F.interpolate(rgb.float(), size=(size, size), mode="area").clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------ the kind
+class EmbedTask(TaskKind):
+    @classmethod
+    def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+        data, model = config["data"], config["model"]
+        problems = []
+        source = data["source"]
+        if source != "synthetic":
+            if "path" not in data.get(source, {}):
+                problems.append((("data", source), f"data.source is {source}: expected data.{source}.path"))
+            else:
+                path = Path(data[source]["path"]).expanduser()
+                path = path if path.is_absolute() else base_dir / path
+                if not path.exists():
+                    problems.append((("data", source, "path"), f"{path} does not exist"))
+        labels = data.get("folder", {}).get("labels", "none")
+        if source == "folder" and labels not in ("none", "folders"):
+            csv = Path(labels).expanduser()
+            csv = csv if csv.is_absolute() else base_dir / csv
+            if not csv.is_file():
+                problems.append((("data", "folder", "labels"), f"expected none, folders or a CSV file, but {csv} does not exist"))
+        if data["normalise"]["low"] >= data["normalise"]["high"]:
+            problems.append((("data", "normalise"), "low must be below high"))
+        if data["split"]["val"] + data["split"]["test"] >= 1:
+            problems.append((("data", "split"), "val + test must leave images to train on (< 1)"))
+        if model["family"] == "shape" and model["channel_mode"] == "fold":
+            problems.append((("model", "channel_mode"), "the shape family embeds one mask per cell: use joint"))
+        if model["family"] == "vqvae" and model["grid"] > data["image_size"]:
+            problems.append((("model", "grid"), f"a grid of {model['grid']} codes does not fit {data['image_size']}-pixel images"))
+        return problems
+
+    def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
+        self.config, self.device, self.dist = config, device, dist or DistInfo()
+        data, model, train = config["data"], config["model"], config["train"]
+        self.family = model["family"]
+        collection = make_collection(data, config["seed"], base_dir)
+        self.shape = (ShapeTransform(model["shape"]["points"], model["shape"]["mask_channel"],
+                                     model["shape"]["normalise_scale"]) if self.family == "shape" else None)
+        self.dataset = EmbedDataset(collection, data, config["seed"], self.shape)
+        self.channels = collection.channels
+        self.model = build_model(model, self.channels, data["image_size"], config["seed"]).to(device)
+        self.trained = wrap_ddp(self.model, self.dist, device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+        self.scheduler = make_lr_scheduler(self.optimizer, train)
+        held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
+        self.eval_inputs, self.eval_indices = self.dataset.load(held_out[:data["eval_size"]])
+        self.eval_inputs = self.eval_inputs.to(device)
+        self._weights_version = 0
+        self._eval_cache: tuple[int, dict] | None = None
+        self._projector: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, step: int) -> dict[str, Any]:
+        batch_size = self.config["train"]["batch_size"]
+        indices = self.dataset.train_indices(step, batch_size)
+        if self.dist.active:
+            indices = indices[self.dist.rank::self.dist.world]  # each rank reads only its own images
+        items, _ = self.dataset.load(indices)
+        x = items.to(self.device, non_blocking=True)
+        generator = step_generator(self.config["seed"], 2, step)
+        if self.shape is not None:
+            x = reindex_matrices(x, generator) if self.config["data"]["augment"]["flips"] else x
+        else:
+            from .data import augment
+
+            aug = self.config["data"]["augment"]
+            x = augment(x, generator, aug["flips"], aug["rot90"], aug["intensity_jitter"])
+        self.model.train()
+        out = self.trained(x)
+        loss = self.model.loss(x, out)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self._weights_version += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        # Tensors, not floats: the Trainer converts them only when it logs (no device sync every step).
+        metrics: dict[str, Any] = {"loss": loss.detach(), "lr": lr}
+        metrics.update({f"train_{k}": v.detach() for k, v in out["loss_terms"].items()})
+        metrics.update({f"train_{k}": v for k, v in out["stats"].items()})
+        return metrics
+
+    @torch.no_grad()
+    def _held_out(self) -> dict:
+        """The model's outputs and loss on the held-out images, once per weights version."""
+        if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
+            was_training = self.model.training
+            self.model.eval()
+            out = self.model(self.eval_inputs)
+            out["loss"] = self.model.loss(self.eval_inputs, out)
+            self._eval_cache = (self._weights_version, out)
+            self.model.train(was_training)
+        return self._eval_cache[1]
+
+    def evaluate(self) -> dict[str, float]:
+        out = self._held_out()
+        metrics = {"eval_loss": out["loss"].item()}
+        metrics.update({f"eval_{k}": v.item() for k, v in out["loss_terms"].items()})
+        metrics.update({f"eval_{k}": float(v) for k, v in out["stats"].items()})
+        return metrics
+
+    def histograms(self) -> dict[str, torch.Tensor]:
+        out = self._held_out()
+        if "codes" in out:
+            return {"codebook/codes_used_by_held_out_images": out["codes"].flatten()}
+        folded = out.get("folded", {})
+        return {"codebook/codes_used_by_held_out_images": folded["codes"].flatten()} if "codes" in folded else {}
+
+    def image_grids(self) -> dict[str, torch.Tensor]:
+        out = self._held_out()
+        inputs, recon = self.eval_inputs[:N_SHOWN].cpu(), out["reconstruction"][:N_SHOWN].float().cpu()
+        if self.shape is not None:
+            scale = inputs.amax().clamp_min(1e-9)
+            rows = [inputs[:, 0] / scale, (recon[:, 0] / scale).clamp(0, 1)]
+            size = inputs.shape[-1]
+            from .shape import classical_mds
+
+            rows.append(torch.stack([contour_picture(classical_mds(m[0].numpy()), size) for m in inputs]))
+            decoded = self.model.decode_contours(out["embedding"][:N_SHOWN]).cpu().numpy()
+            rows.append(torch.stack([contour_picture(c, size) for c in decoded]))
+            return {"eval/matrices_and_contours": image_rows(rows)}
+        rows = []
+        for c in range(inputs.shape[1]):
+            rows += [inputs[:, c], recon[:, c].clamp(0, 1)]
+        return {"eval/inputs_vs_reconstructions": image_rows(rows)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "channels": self.channels,
+                "label_names": self.dataset.label_names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self._weights_version += 1
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    # ------------------------------------------------------------------ final outputs
+    def projector(self) -> dict[str, dict]:
+        return self._projector
+
+    def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
+        train = self.config["train"]
+        group = store.group.require_group("embeddings")
+        embeddings = {}
+        for split in SPLITS:
+            indices = self.dataset.splits[split]
+            embeddings[split] = write_embeddings(group, split, self.model, self.dataset, indices,
+                                                 train["embed_batch_size"], self.device)
+        group.attrs.update({"label_names": self.dataset.label_names, "family": self.family,
+                            "embedding_dim": self.model.embedding_dim})
+        for tag, image in self.image_grids().items():
+            save_png(final_dir / f"{tag.split('/')[-1]}.png", image)
+        metrics = self.evaluate()
+        all_indices = np.concatenate([self.dataset.splits[s] for s in SPLITS])
+        all_embeddings = np.concatenate([embeddings[s] for s in SPLITS])
+        readable = ~np.isnan(all_embeddings).any(axis=1)
+        all_indices, all_embeddings = all_indices[readable], all_embeddings[readable]
+        self._projector = self._projector_view(all_indices, all_embeddings)
+        labelled = np.array([self.dataset.labels[i] is not None for i in all_indices], dtype=bool)
+        if labelled.sum() and len({self.dataset.labels[i] for i in all_indices[labelled]}) >= 2:
+            report = self._evaluate_embeddings(all_indices[labelled], all_embeddings[labelled])
+            (final_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+            metrics.update(flat_scores(report))
+        return metrics
+
+    def _subset(self, indices: np.ndarray, count: int, stream: int) -> np.ndarray:
+        """A seeded subset of positions into `indices` (all of them when there are few)."""
+        if len(indices) <= count:
+            return np.arange(len(indices))
+        rng = np.random.default_rng([self.config["seed"], stream])
+        return np.sort(rng.choice(len(indices), count, replace=False))
+
+    def _projector_view(self, indices: np.ndarray, embeddings: np.ndarray) -> dict[str, dict]:
+        count = self.config["train"]["projector_images"]
+        if count == 0 or len(indices) == 0:
+            return {}
+        chosen = self._subset(indices, count, 3)
+        images, _ = self.dataset.load(indices[chosen], transformed=False)
+        labels = [self.dataset.labels[i] or "" for i in indices[chosen]]
+        return {"embedding": {"embeddings": torch.from_numpy(embeddings[chosen]),
+                              "labels": labels if any(labels) else None, "thumbnails": composite(images)}}
+
+    def _evaluate_embeddings(self, indices: np.ndarray, embeddings: np.ndarray) -> dict:
+        train = self.config["train"]
+        labels = np.array([self.dataset.labels[i] for i in indices])
+        chosen = self._stratified_subset(labels, train["eval_max_images"])
+        indices, embeddings, labels = indices[chosen], embeddings[chosen], labels[chosen]
+        images = torch.cat([items for _, items in self.dataset.batches(indices, 256, transformed=False)])
+        if self.shape is not None:
+            from .shape import region_properties
+
+            baseline = np.stack([region_properties(self.shape.mask(image)) for image in images])
+            kind = "region"
+        else:
+            baseline, kind = images.numpy(), "pca"
+        return evaluate_embeddings(embeddings, labels, baseline, kind, train["eval_folds"], self.config["seed"])
+
+    def _stratified_subset(self, labels: np.ndarray, count: int) -> np.ndarray:
+        if len(labels) <= count:
+            return np.arange(len(labels))
+        from sklearn.model_selection import train_test_split
+
+        chosen, _ = train_test_split(np.arange(len(labels)), train_size=count, stratify=labels,
+                                     random_state=self.config["seed"])
+        return np.sort(chosen)

@@ -1,0 +1,315 @@
+"""The embed kind end to end on small data: the data pipeline, training, embeddings in zarr equal to the
+checkpoint's encoder output, TensorBoard's projector, evaluation files, exact resume, `holly-hpc embed`."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from holly_hpc.embed.data import (
+    EmbedDataset,
+    augment,
+    fit_to_size,
+    split_of,
+    step_generator,
+)
+from holly_hpc.embed.synthetic import CLASS_NAMES, SyntheticCells, write_tiff_folder
+from holly_hpc.embed.task import EmbedTask, build_model, reindex_matrices
+from holly_hpc.experiment import freeze
+from holly_hpc.io.images import FolderCollection, ImageFormatError
+from holly_hpc.runtime.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
+from holly_hpc.runtime.task import run_task
+from holly_hpc.spec import SpecError, apply_defaults, load_spec
+from holly_hpc.sweep import expand
+
+EMBED_TINY = {
+    "kind": "embed",
+    "data": {"source": "synthetic", "image_size": 32, "synthetic": {"count": 48, "classes": 2}, "eval_size": 8,
+             "split": {"val": 0.2, "test": 0.2}},
+    "model": {"family": "vqvae", "width": 4, "grid": 2, "code_dim": 4, "codebook_size": 16},
+    "train": {"steps": 6, "batch_size": 8, "lr": 0.003, "log_every": 3, "checkpoint_every": 3,
+              "projector_images": 20, "eval_folds": 2, "embed_batch_size": 16},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(changes: dict | None = None) -> dict:
+    from .conftest import deep_update
+
+    spec = deep_update({"experiment": "e", "seed": 3, "device": "cpu", **EMBED_TINY}, changes or {})
+    return apply_defaults(spec)
+
+
+def _experiment(write_spec, tmp_path, name: str, changes: dict | None = None):
+    import yaml
+
+    from .conftest import TINY, deep_update
+
+    # TINY's launch and resources, the embed kind's own data, model and train sections
+    base = {**{k: v for k, v in TINY.items() if k not in ("data", "model", "train")}, "experiment": name,
+            "output_root": str(tmp_path / "runs"), **EMBED_TINY}
+    raw = yaml.safe_dump(deep_update(base, changes or {}), sort_keys=False)
+    spec = load_spec(write_spec(raw=raw, name=f"{name}.yaml"))
+    return freeze(spec, expand(spec), tmp_path / "runs", f"sqlite:///{tmp_path / 'runs' / 'registry.sqlite'}")
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_synthetic_cells_are_16_bit_two_channel_balanced_and_reproducible():
+    cells = SyntheticCells(8, 48, classes=4, seed=1)
+    image = cells.read(5)
+    assert image.shape == (2, 48, 48) and image.dtype == np.uint16 and image.max() > 255
+    np.testing.assert_array_equal(image, SyntheticCells(8, 48, classes=4, seed=1).read(5))
+    assert not np.array_equal(image, SyntheticCells(8, 48, classes=4, seed=2).read(5))
+    assert cells.labels == list(CLASS_NAMES) * 2
+    mask = cells.mask(5)
+    assert mask.dtype == bool and 0.05 < mask.mean() < 0.6  # one cell, inside the frame
+    with pytest.raises(ValueError, match="2 to 4 classes"):
+        SyntheticCells(8, 48, classes=5)
+
+
+def test_fit_to_size_crops_centred_and_pads_around():
+    image = torch.arange(2 * 6 * 8, dtype=torch.float32).view(2, 6, 8)
+    cropped = fit_to_size(image, 4)
+    assert torch.equal(cropped, image[:, 1:5, 2:6])
+    padded = fit_to_size(image[:, :3, :3], 5)
+    assert padded.shape == (2, 5, 5) and torch.equal(padded[:, 1:4, 1:4], image[:, :3, :3]) and padded[:, 0].abs().sum() == 0
+
+
+def test_splits_depend_on_the_id_only():
+    ids = [f"plate1/cell_{i}.tif" for i in range(2000)]
+    names = [split_of(i, 0.1, 0.2) for i in ids]
+    assert abs(names.count("test") / 2000 - 0.2) < 0.03 and abs(names.count("val") / 2000 - 0.1) < 0.03
+    assert [split_of(i, 0.1, 0.2) for i in reversed(ids)] == names[::-1]  # order does not matter
+
+
+def test_training_batches_are_a_pure_function_of_the_step_and_cover_each_epoch():
+    config = _config()
+    dataset = EmbedDataset(SyntheticCells(48, 32, 2, 0), config["data"], seed=3)
+    train = dataset.splits["train"]
+    batch = 8
+    steps = -(-len(train) // batch) * 2
+    seen = np.concatenate([dataset.train_indices(s, batch) for s in range(steps)])
+    first_epoch = seen[:len(train)]
+    assert sorted(first_epoch) == sorted(train)  # every training image once per epoch
+    again = EmbedDataset(SyntheticCells(48, 32, 2, 0), config["data"], seed=3)
+    np.testing.assert_array_equal(again.train_indices(5, batch), dataset.train_indices(5, batch))
+    assert not np.array_equal(EmbedDataset(SyntheticCells(48, 32, 2, 0), config["data"], seed=4).train_indices(0, batch),
+                              dataset.train_indices(0, batch))
+    assert set(seen) <= set(train)
+
+
+def test_augment_is_seeded_and_only_moves_pixels_without_jitter():
+    x = torch.rand(16, 2, 12, 12)
+    a = augment(x, step_generator(0, 2, 5), True, True, 0.0)
+    b = augment(x, step_generator(0, 2, 5), True, True, 0.0)
+    assert torch.equal(a, b)
+    # flips and quarter turns permute each image's pixels: per-image sorted values are unchanged
+    assert torch.equal(a.flatten(2).sort(-1).values, x.flatten(2).sort(-1).values)
+    assert not torch.equal(a, x)
+    jittered = augment(x, step_generator(0, 2, 5), False, False, 0.2)
+    assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.equal(jittered, x)
+    # gain 1 ± 0.2 and offset ± 0.1: above 0.5 every value stays within [0.8x - 0.1, 1.2x + 0.1]
+    bright = x > 0.5
+    assert torch.all(jittered[bright] >= 0.8 * x[bright] - 0.1 - 1e-6)
+    assert torch.all(jittered[bright] <= (1.2 * x[bright] + 0.1).clamp_max(1) + 1e-6)
+    # one gain and offset per image and channel: the map is affine within each (image, channel)
+    inside = (jittered > 0) & (jittered < 1)
+    for b, c in [(0, 0), (3, 1), (9, 0)]:
+        xs, ys = x[b, c][inside[b, c]], jittered[b, c][inside[b, c]]
+        design = torch.stack([xs, torch.ones_like(xs)], 1)
+        fit = torch.linalg.lstsq(design, ys[:, None]).solution
+        assert torch.allclose(design @ fit, ys[:, None], atol=1e-5)
+
+
+def test_folder_of_16_bit_tiffs_with_folder_labels_is_normalised_per_channel(tmp_path):
+    cells = SyntheticCells(12, 40, classes=3, seed=0)
+    write_tiff_folder(cells, tmp_path / "cells")
+    collection = FolderCollection(tmp_path / "cells", labels="folders")
+    assert collection.channels == 2 and len(collection) == 12
+    assert sorted(set(collection.labels)) == ["elongated", "lobed", "round"]
+    config = _config({"data": {"image_size": 32}})
+    dataset = EmbedDataset(collection, config["data"], seed=0)
+    items, kept = dataset.load(range(12))
+    assert items.shape == (12, 2, 32, 32) and items.dtype == torch.float32 and list(kept) == list(range(12))
+    assert items.min() == 0 and items.max() == 1
+    assert (items.flatten(2).amax(-1) > 0.99).all()  # every channel reaches the top of the range
+
+
+def test_a_file_that_breaks_at_read_time_is_skipped_or_named(tmp_path):
+    cells = SyntheticCells(6, 32, classes=2, seed=0)
+    write_tiff_folder(cells, tmp_path / "cells")
+    victim = sorted((tmp_path / "cells").rglob("*.tif"))[2]
+    collection = FolderCollection(tmp_path / "cells", labels="folders")
+    data = tifffile.imread(victim)
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) - data.nbytes // 2])  # truncated after indexing
+    failing = EmbedDataset(collection, _config({"data": {"on_bad_file": "fail"}})["data"], seed=0)
+    with pytest.raises(ImageFormatError, match=victim.name):
+        failing.load(range(6))
+    skipping = EmbedDataset(collection, _config({"data": {"on_bad_file": "skip"}})["data"], seed=0)
+    with pytest.warns(UserWarning, match=victim.name):
+        items, kept = skipping.load(range(6))
+    assert len(items) == 5 and 2 not in kept and skipping.bad[-1][0].endswith(victim.name)
+
+
+def test_shape_reindexing_is_a_symmetric_permutation():
+    points = torch.randn(4, 10, 2)
+    matrices = torch.cdist(points, points)[:, None]
+    shuffled = reindex_matrices(matrices, torch.Generator().manual_seed(0))
+    assert shuffled.shape == matrices.shape
+    assert torch.allclose(shuffled, shuffled.transpose(-1, -2)) and torch.all(shuffled.diagonal(dim1=-2, dim2=-1) == 0)
+    assert torch.allclose(shuffled.flatten(1).sort(-1).values, matrices.flatten(1).sort(-1).values)
+
+
+# ------------------------------------------------------------------------------------------ models
+@pytest.mark.parametrize("family,mode,dim", [("ae", "joint", 6), ("vae", "joint", 6), ("vqvae", "joint", 4 * 2 * 2),
+                                             ("vae", "fold", 2 * 6), ("vqvae", "fold", 2 * 4 * 2 * 2)])
+def test_build_model_gives_every_family_and_channel_mode(family, mode, dim):
+    config = _config({"model": {"family": family, "channel_mode": mode, "latent_dim": 6, "beta": 4.0}})
+    model = build_model(config["model"], channels=2, image_size=32, seed=0)
+    out = model(torch.rand(3, 2, 32, 32))
+    assert out["reconstruction"].shape == (3, 2, 32, 32) and out["embedding"].shape == (3, dim)
+    loss = model.loss(torch.rand(3, 2, 32, 32), out)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    if family == "vae":
+        inner = getattr(model, "model", model)
+        assert inner.beta == 4.0
+
+
+def test_schema_and_semantic_checks_name_the_key(write_spec, tmp_path):
+    path = write_spec(raw="experiment: bad\nkind: embed\ndata:\n  source: folder\n  folder:\n    path: nowhere\n"
+                          "model:\n  family: shape\n  channel_mode: fold\n  latnet_dim: 8\n", name="bad.yaml")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "bad.yaml:10:3: model.latnet_dim" in str(err.value) and "latent_dim" in str(err.value)  # did you mean
+    path.write_text(path.read_text().replace("  latnet_dim: 8\n", ""))
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    text = str(err.value)
+    assert "bad.yaml:6:11: data.folder.path" in text and "nowhere does not exist" in text
+    assert "bad.yaml:9:17: model.channel_mode" in text and "use joint" in text
+
+
+# ------------------------------------------------------------------------------------------ the kind
+def test_training_writes_embeddings_equal_to_the_checkpoint_encoder_output(write_spec, tmp_path):
+    exp = _experiment(write_spec, tmp_path, "emb")
+    result = run_task(exp, 0, out=io.StringIO())
+    assert result.completed
+    task_dir = exp.task_dir(0)
+    payload = load_checkpoint(latest_checkpoint(task_dir / "checkpoints"))
+    config = exp.task(0).config
+    model = build_model(config["model"], payload["kind"]["channels"], 32, config["seed"])
+    model.load_state_dict(payload["kind"]["model"])
+    model.eval()
+    kind = EmbedTask(config, torch.device("cpu"), exp.spec_dir)
+    group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")
+    total = 0
+    for split in ("train", "val", "test"):
+        stored = group[f"embeddings/{split}/embedding"][:]
+        index = group[f"embeddings/{split}/index"][:]
+        np.testing.assert_array_equal(index, kind.dataset.splits[split])
+        items, _ = kind.dataset.load(index)
+        with torch.no_grad():
+            expected = model(items)["embedding"].numpy()
+        np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+        assert list(group[f"embeddings/{split}/id"][:]) == [f"synthetic/{i}" for i in index]
+        assert list(group[f"embeddings/{split}/label"][:]) == [kind.dataset.labels[i] for i in index]
+        total += len(index)
+    assert total == 48
+    assert group["embeddings"].attrs["label_names"] == ["elongated", "round"]
+
+    final = json.loads((task_dir / "final" / "metrics.json").read_text())
+    report = json.loads((task_dir / "final" / "eval.json").read_text())
+    assert report["images"] == 48 and report["folds"] == 2 and report["baseline"]["name"] == "pca16"
+    for key in ("eval_logreg_balanced_accuracy", "eval_forest_macro_f1", "baseline_logreg_balanced_accuracy",
+                "eval_perplexity", "eval_codes_used", "eval_recon"):
+        assert key in final and np.isfinite(final[key]), key
+    assert (task_dir / "final" / "inputs_vs_reconstructions.png").stat().st_size > 0
+    # TensorBoard: projector with labels and thumbnails, codebook histogram, losses
+    projector = (task_dir / "tb" / "projector_config.pbtxt").read_text()
+    assert "metadata.tsv" in projector and "sprite.png" in projector
+    metadata = next((task_dir / "tb").rglob("metadata.tsv")).read_text().splitlines()
+    assert len(metadata) == 20 and set(metadata) <= {"elongated", "round"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(task_dir / "tb"), size_guidance={"histograms": 0}).Reload()
+    assert "codebook/codes_used_by_held_out_images" in events.Tags()["histograms"]
+    assert {"loss", "eval_loss", "eval_perplexity", "train_commitment"} <= set(events.Tags()["scalars"])
+    assert "eval/inputs_vs_reconstructions" in events.Tags()["images"]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(write_spec, tmp_path):
+    whole = _experiment(write_spec, tmp_path, "whole")
+    cut = _experiment(write_spec, tmp_path, "cut")
+    run_task(whole, 0, out=io.StringIO())
+    first = run_task(cut, 0, stop_after_step=4, out=io.StringIO())
+    assert not first.completed and [s for s, _ in list_checkpoints(cut.task_dir(0) / "checkpoints")] == [3, 4]
+    run_task(cut, 0, out=io.StringIO())
+    a = load_checkpoint(latest_checkpoint(whole.task_dir(0) / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(cut.task_dir(0) / "checkpoints"))
+    for key, tensor in a["kind"]["model"].items():  # the EMA codebook included
+        assert torch.equal(tensor, b["kind"]["model"][key]), key
+
+
+def test_vq_codebook_uses_several_codes_per_image():
+    config = _config({"train": {"steps": 30}})
+    kind = EmbedTask(config, torch.device("cpu"), base_dir=None)
+    for step in range(30):
+        kind.train_step(step)
+    codes = kind._held_out()["codes"].flatten(1)  # (images, grid²)
+    distinct = torch.tensor([len(row.unique()) for row in codes], dtype=torch.float32)
+    assert distinct.mean() > 1.5, distinct
+    assert kind.evaluate()["eval_codes_used"] > 2
+
+
+def test_holly_hpc_embed_embeds_new_images_with_the_trained_model(write_spec, tmp_path, cli):
+    exp = _experiment(write_spec, tmp_path, "emb")
+    run_task(exp, 0, out=io.StringIO())
+    cells = SyntheticCells(7, 40, classes=2, seed=9)
+    write_tiff_folder(cells, tmp_path / "new")
+    (tmp_path / "new" / "round" / "broken.tif").write_bytes(b"not a tiff")
+    out = tmp_path / "new-embeddings.zarr"
+
+    code, stdout, stderr = cli("embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--output", out)
+    assert code == 1 and "broken.tif" in stderr and not out.exists()  # the run says fail: nothing written
+
+    code, stdout, stderr = cli("embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--output", out,
+                               "--labels", "folders", "--skip-bad")
+    assert code == 0, stderr
+    assert "7 image(s) embedded" in stdout and "1 skipped" in stdout
+    group = zarr.open_group(str(out), mode="r")
+    stored = group["embeddings/embedding"][:]
+    assert stored.shape == (7, 16) and np.isfinite(stored).all()
+    payload = load_checkpoint(latest_checkpoint(exp.task_dir(0) / "checkpoints"))
+    config = exp.task(0).config
+    model = build_model(config["model"], 2, 32, config["seed"])
+    model.load_state_dict(payload["kind"]["model"])
+    model.eval()
+    dataset = EmbedDataset(FolderCollection(tmp_path / "new", labels="folders", on_bad="skip"),
+                           {**config["data"], "split": {"val": 0.0, "test": 0.0}}, 0)
+    with torch.no_grad():
+        expected = model(dataset.load(range(7))[0])["embedding"].numpy()
+    np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+    assert sorted(set(group["embeddings/label"][:])) == ["elongated", "round"]
+    assert group.attrs["checkpoint_step"] == 6
+
+    code, _, stderr = cli("embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--output", out, "--skip-bad")
+    assert code == 1 and "--overwrite" in stderr
+    assert zarr.open_group(str(out), mode="r")["embeddings/embedding"].shape == (7, 16)  # untouched
