@@ -572,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     _lookup_options(p)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), registry (concurrent writers)")
-    p.add_argument("what", choices=["render", "train", "registry"])
+    p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), "
+                                      "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers)")
+    p.add_argument("what", choices=["render", "train", "embed", "registry"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)")
     p.set_defaults(func=cmd_bench)
 

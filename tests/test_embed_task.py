@@ -185,6 +185,8 @@ def test_build_model_gives_every_family_and_channel_mode(family, mode, dim):
     model = build_model(config["model"], channels=2, image_size=32, seed=0)
     out = model(torch.rand(3, 2, 32, 32))
     assert out["reconstruction"].shape == (3, 2, 32, 32) and out["embedding"].shape == (3, dim)
+    # encoder features: 8 x width channels (width 4), once per channel when folded
+    assert out["features"].shape == (3, model.feature_dim) and model.feature_dim == 32 * (2 if mode == "fold" else 1)
     loss = model.loss(torch.rand(3, 2, 32, 32), out)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -227,8 +229,10 @@ def test_training_writes_embeddings_equal_to_the_checkpoint_encoder_output(write
         np.testing.assert_array_equal(index, kind.dataset.splits[split])
         items, _ = kind.dataset.load(index)
         with torch.no_grad():
-            expected = model(items)["embedding"].numpy()
-        np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
+            expected = model(items)
+        np.testing.assert_allclose(stored, expected["embedding"].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(group[f"embeddings/{split}/features"][:], expected["features"].numpy(),
+                                   rtol=1e-5, atol=1e-6)
         assert list(group[f"embeddings/{split}/id"][:]) == [f"synthetic/{i}" for i in index]
         assert list(group[f"embeddings/{split}/label"][:]) == [kind.dataset.labels[i] for i in index]
         total += len(index)
@@ -237,8 +241,12 @@ def test_training_writes_embeddings_equal_to_the_checkpoint_encoder_output(write
 
     final = json.loads((task_dir / "final" / "metrics.json").read_text())
     report = json.loads((task_dir / "final" / "eval.json").read_text())
-    assert report["images"] == 48 and report["folds"] == 2 and report["baseline"]["name"] == "pca16"
+    assert report["images"] == 48 and report["folds"] == 2
+    assert report["embedding"]["dim"] == 16 and report["embedding"]["baseline"]["name"] == "pca16"
+    # encoder features: 8 x width = 32 wide, a PCA baseline capped by the 24 training images of a fold
+    assert report["features"]["dim"] == 32 and report["features"]["baseline"]["name"] == "pca24"
     for key in ("eval_logreg_balanced_accuracy", "eval_forest_macro_f1", "baseline_logreg_balanced_accuracy",
+                "features_logreg_balanced_accuracy", "features_baseline_forest_macro_f1",
                 "eval_perplexity", "eval_codes_used", "eval_recon"):
         assert key in final and np.isfinite(final[key]), key
     assert (task_dir / "final" / "inputs_vs_reconstructions.png").stat().st_size > 0
@@ -313,3 +321,77 @@ def test_holly_hpc_embed_embeds_new_images_with_the_trained_model(write_spec, tm
     code, _, stderr = cli("embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--output", out, "--skip-bad")
     assert code == 1 and "--overwrite" in stderr
     assert zarr.open_group(str(out), mode="r")["embeddings/embedding"].shape == (7, 16)  # untouched
+
+
+def test_shape_family_trains_on_cell_masks_and_is_probed_against_region_properties(write_spec, tmp_path):
+    exp = _experiment(write_spec, tmp_path, "shapes", {
+        "data": {"synthetic": {"count": 40, "classes": 2}},
+        "model": {"family": "shape", "latent_dim": 5, "shape": {"points": 24, "normalise_scale": True}},
+    })
+    assert run_task(exp, 0, out=io.StringIO()).completed
+    task_dir = exp.task_dir(0)
+    group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")
+    sizes = [group[f"embeddings/{s}/embedding"].shape for s in ("train", "val", "test")]
+    assert sum(n for n, _ in sizes) == 40 and {d for _, d in sizes} == {5}
+    report = json.loads((task_dir / "final" / "eval.json").read_text())
+    assert report["embedding"]["baseline"]["name"] == "region_properties" and report["embedding"]["dim"] == 5
+    final = json.loads((task_dir / "final" / "metrics.json").read_text())
+    assert {"eval_recon", "eval_diagonal", "eval_symmetry", "eval_nonnegative"} <= set(final)
+    assert (task_dir / "final" / "matrices_and_contours.png").stat().st_size > 0
+
+
+def test_the_shape_transform_outlines_the_synthetic_cell():
+    from holly_hpc.embed.shape import classical_mds, rigid_rmsd
+    from holly_hpc.embed.task import ShapeTransform
+
+    config = _config({"data": {"image_size": 48}})
+    cells = SyntheticCells(4, 48, classes=4, seed=0)
+    dataset = EmbedDataset(cells, config["data"], seed=0)
+    transform = ShapeTransform(points=48, mask_channel=0, normalise_scale=False)
+    for i in range(4):
+        image = dataset.prepare(i)
+        mask = transform.mask(image)
+        truth = cells.mask(i)
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.85  # Otsu finds the cell the generator drew
+        matrix = transform(image)
+        assert matrix.shape == (1, 48, 48)
+        contour = classical_mds(matrix[0].numpy())
+        # the matrix decodes back to a closed outline of the cell's size (radius 0.22–0.30 of the image)
+        radius = np.linalg.norm(contour - contour.mean(0), axis=1).mean()
+        assert 0.15 * 48 < radius < 0.45 * 48
+        assert rigid_rmsd(classical_mds(transform(image)[0].numpy()), contour) < 1e-6
+
+
+@pytest.mark.parametrize("source", ["zarr", "ome_zarr"])
+def test_the_kind_trains_from_zarr_and_ome_zarr(write_spec, tmp_path, source):
+    from holly_hpc.io.images import write_ome_zarr
+
+    cells = SyntheticCells(12, 32, classes=2, seed=0)
+    stack = np.stack([cells.read(i) for i in range(12)])  # (N, 2, 32, 32) uint16
+    if source == "zarr":
+        group = zarr.open_group(str(tmp_path / "cells.zarr"), mode="w", zarr_format=3)
+        group.create_array("images", data=stack, chunks=(1, 2, 32, 32))
+        group.create_array("labels", shape=(12,), dtype=str)[:] = np.array(cells.labels)
+        data = {"source": "zarr", "zarr": {"path": "cells.zarr", "labels_array": "labels"}}
+    else:
+        mosaic = stack.reshape(3, 4, 2, 32, 32).transpose(2, 0, 3, 1, 4).reshape(2, 96, 128)  # a 3x4 tile mosaic
+        write_ome_zarr(tmp_path / "cells.ome.zarr", mosaic, axes="cyx", version="0.5")
+        data = {"source": "ome_zarr", "ome_zarr": {"path": "cells.ome.zarr"}}
+    exp = _experiment(write_spec, tmp_path, f"from-{source}", {"data": {**data, "eval_size": 4},
+                                                               "train": {"steps": 3, "log_every": 3}})
+    kind = EmbedTask(exp.task(0).config, torch.device("cpu"), exp.spec_dir)
+    assert len(kind.dataset.collection) == 12 and kind.channels == 2
+    first, _ = kind.dataset.load([0])
+    expected = normalise_reference(stack[0])
+    np.testing.assert_allclose(first[0].numpy(), expected, atol=1e-6)  # tile 0 is cell 0, in either store
+    assert run_task(exp, 0, out=io.StringIO()).completed
+    labels = kind.dataset.label_names
+    assert labels == (["elongated", "round"] if source == "zarr" else [])
+
+
+def normalise_reference(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """numpy's percentile normalisation, per channel: the oracle of the pipeline's."""
+    image = image.astype(np.float64)
+    lo = np.percentile(image, low, axis=(1, 2), keepdims=True)
+    hi = np.percentile(image, high, axis=(1, 2), keepdims=True)
+    return np.clip((image - lo) / (hi - lo), 0, 1)

@@ -64,37 +64,45 @@ def probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 
     return out
 
 
-def evaluate_embeddings(embeddings: np.ndarray, labels, baseline_features: np.ndarray, baseline: str,
-                        folds: int = 5, seed: int = 0) -> dict:
-    """Probe the embeddings and a baseline on the same labels and folds.
+def evaluate_readouts(readouts: dict[str, np.ndarray], labels, baseline_features: np.ndarray, baseline: str,
+                      folds: int = 5, seed: int = 0) -> dict:
+    """Probe each readout of the same images (e.g. "embedding" and "features") and its baseline, on the same
+    labels and folds.
 
-    baseline "pca": baseline_features are raw pixels (N, ...) reduced to the embedding's dimension;
-    baseline "region": baseline_features are used as they are.
+    baseline "pca": baseline_features are raw pixels (N, ...) reduced to each readout's dimension;
+    baseline "region": baseline_features (N, k) are used as they are, one baseline for every readout.
     """
     labels = np.asarray(labels)
-    dim = int(np.asarray(embeddings).reshape(len(embeddings), -1).shape[1])
-    if baseline == "pca":
-        pixels = np.asarray(baseline_features).reshape(len(baseline_features), -1)
-        train_size = len(labels) - len(labels) // folds_for(labels, folds)
-        components = int(min(dim, pixels.shape[1], train_size))
-        base = probe(pixels, labels, folds, seed, pca_components=components)
-        base_name = f"pca{components}"
-    elif baseline == "region":
-        base = probe(baseline_features, labels, folds, seed)
-        base_name = "region_properties"
-    else:
-        raise ValueError(f"unknown baseline {baseline!r}: pca or region")
     classes, counts = np.unique(labels, return_counts=True)
-    return {
-        "images": len(labels), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
-        "folds": folds_for(labels, folds), "embedding_dim": dim, "chance_balanced_accuracy": 1 / len(classes),
-        "embedding": probe(embeddings, labels, folds, seed), "baseline": {"name": base_name, **base},
-    }
+    report: dict = {"images": int(len(labels)), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
+                    "folds": folds_for(labels, folds), "chance_balanced_accuracy": 1 / len(classes)}
+    baselines: dict = {}
+    for name, values in readouts.items():
+        dim = int(np.asarray(values).reshape(len(values), -1).shape[1])
+        if baseline == "pca":
+            pixels = np.asarray(baseline_features).reshape(len(baseline_features), -1)
+            train_size = len(labels) - len(labels) // report["folds"]
+            key = f"pca{int(min(dim, pixels.shape[1], train_size))}"
+            if key not in baselines:
+                baselines[key] = probe(pixels, labels, folds, seed, pca_components=int(key[3:]))
+        elif baseline == "region":
+            key = "region_properties"
+            if key not in baselines:
+                baselines[key] = probe(baseline_features, labels, folds, seed)
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}: pca or region")
+        report[name] = {"dim": dim, **probe(values, labels, folds, seed), "baseline": {"name": key, **baselines[key]}}
+    return report
 
 
 def flat_scores(report: dict) -> dict[str, float]:
     """The report's scores as flat metric names for the registry: eval_<classifier>_<score> and
-    baseline_<classifier>_<score>."""
-    out = {f"eval_{k}": v for k, v in report["embedding"].items()}
-    out.update({f"baseline_{k}": v for k, v in report["baseline"].items() if k != "name"})
+    baseline_<classifier>_<score> for the embedding, <readout>_… and <readout>_baseline_… for the others."""
+    out = {}
+    for name, entry in report.items():
+        if not isinstance(entry, dict) or "baseline" not in entry:
+            continue
+        prefix, base = ("eval", "baseline") if name == "embedding" else (name, f"{name}_baseline")
+        out.update({f"{prefix}_{k}": v for k, v in entry.items() if k not in ("dim", "baseline")})
+        out.update({f"{base}_{k}": v for k, v in entry["baseline"].items() if k != "name"})
     return out

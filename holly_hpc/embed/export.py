@@ -3,6 +3,7 @@
 Layout, one group per split (or per input folder):
 
     <group>/embedding  (N, D) float32   row r is the image split_indices[r]; NaN where it could not be read
+            /features   (N, F) float32   the encoder's spatially averaged features of the same images
             /index      (N,) int64      the image's index in its collection (-1 where skipped)
             /id         (N,) str        the image's id (file path relative to its root, page/tile)
             /label      (N,) str        its label ("" when it has none)
@@ -21,45 +22,49 @@ from .data import EmbedDataset
 
 @torch.no_grad()
 def embed_items(model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int, device: torch.device):
-    """Yield (row offset, kept mask, embeddings (b, D) numpy) over `indices` in batches, the model in eval
-    mode (VAE: the posterior mean; VQ-VAE: the quantised grid)."""
+    """Yield (row offset, kept mask, wanted indices, embeddings (b, D), features (b, F)) over `indices` in
+    batches, the model in eval mode (VAE: the posterior mean; VQ-VAE: the quantised grid)."""
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(indices), batch_size):
             wanted = indices[start:start + batch_size]
             items, kept = dataset.load(wanted)
-            embedding = model(items.to(device))["embedding"].float().cpu().numpy()
-            yield start, np.isin(wanted, kept), wanted, embedding
+            out = model(items.to(device))
+            yield (start, np.isin(wanted, kept), wanted, out["embedding"].float().cpu().numpy(),
+                   out["features"].float().cpu().numpy())
     finally:
         model.train(was_training)
 
 
 def write_embeddings(group, name: str, model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int,
-                     device: torch.device) -> np.ndarray:
-    """Embed dataset items `indices` into group/name (layout above); returns the embeddings (N, D) in memory
-    as well, NaN rows where an image was skipped."""
+                     device: torch.device) -> dict[str, np.ndarray]:
+    """Embed dataset items `indices` into group/name (layout above); returns {"embedding": (N, D),
+    "features": (N, F)} in memory as well, NaN rows where an image was skipped."""
     indices = np.asarray(indices, dtype=np.int64)
-    n, dim = len(indices), model.embedding_dim
+    n, dims = len(indices), {"embedding": model.embedding_dim, "features": model.feature_dim}
     chunk = (max(min(batch_size, n), 1),)
     sub = group.require_group(name)
     arrays = {
-        "embedding": sub.create_array("embedding", shape=(n, dim), dtype="f4", chunks=(chunk[0], dim),
-                                      fill_value=np.nan, overwrite=True),
+        readout: sub.create_array(readout, shape=(n, dim), dtype="f4", chunks=(chunk[0], dim),
+                                  fill_value=np.nan, overwrite=True) for readout, dim in dims.items()}
+    arrays.update({
         "index": sub.create_array("index", shape=(n,), dtype="i8", chunks=chunk, fill_value=-1, overwrite=True),
         "id": sub.create_array("id", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
         "label": sub.create_array("label", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
-    }
-    out = np.full((n, dim), np.nan, dtype=np.float32)
+    })
+    out = {readout: np.full((n, dim), np.nan, dtype=np.float32) for readout, dim in dims.items()}
     ids, labels = dataset.collection.ids, dataset.labels
-    for start, kept, wanted, embedding in embed_items(model, dataset, indices, batch_size, device):
+    for start, kept, wanted, *values in embed_items(model, dataset, indices, batch_size, device):
         rows = slice(start, start + len(wanted))
-        block = np.full((len(wanted), dim), np.nan, dtype=np.float32)
-        block[kept] = embedding
-        out[rows] = block
-        arrays["embedding"][rows] = block
+        for readout, value in zip(dims, values):
+            block = np.full((len(wanted), dims[readout]), np.nan, dtype=np.float32)
+            block[kept] = value
+            out[readout][rows] = block
+            arrays[readout][rows] = block
         arrays["index"][rows] = np.where(kept, wanted, -1)
         arrays["id"][rows] = np.array([ids[i] for i in wanted])
         arrays["label"][rows] = np.array([labels[i] or "" for i in wanted])
-    sub.attrs.update({"images": n, "skipped": int(np.isnan(out[:, 0]).sum()) if n else 0, "dim": dim})
+    sub.attrs.update({"images": n, "skipped": int(np.isnan(out["embedding"][:, 0]).sum()) if n else 0,
+                      "dim": dims["embedding"], "feature_dim": dims["features"]})
     return out

@@ -91,6 +91,7 @@ def embed_new_images(experiment: Experiment, index: int, input_path: Path, outpu
         tmp.rename(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    embeddings = embeddings["embedding"]
     skipped = int(np.isnan(embeddings).any(axis=1).sum()) if len(embeddings) else 0
     return {"images": len(collection), "embedded": len(collection) - skipped, "skipped": skipped + len(collection.bad),
             "dim": model.embedding_dim, "step": int(payload["step"]), "output": str(output)}

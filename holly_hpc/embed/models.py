@@ -5,7 +5,10 @@ Every model is an EmbeddingModel: `forward(x)` takes images (B, in_channels, ima
 normalised to about [0, 1] and returns a dict with at least
 
     reconstruction  (B, in_channels, image_size, image_size)
-    embedding       (B, embedding_dim), what downstream analysis uses
+    embedding       (B, embedding_dim), what downstream analysis uses (the latent the decoder starts from)
+    features        (B, feature_dim), the encoder's feature map averaged over space: the ResNet's own
+                    image descriptor, robust to where the cell sits (feature_dim = 8 x width for depths 18
+                    and 34, 32 x width for 50; x channels when folded)
     loss_terms      {name: scalar tensor}: "recon" plus the family's other terms, unweighted
     stats           {name: detached scalar tensor}: diagnostics that are not part of the loss
 
@@ -85,6 +88,11 @@ class EmbeddingModel(nn.Module):
         """Weight of each loss term other than "recon" (whose weight is 1)."""
         return {}
 
+    @property
+    def feature_dim(self) -> int:
+        """Size of out["features"]: the encoder's channel count."""
+        return self.encoder.out_channels
+
     def loss(self, x: torch.Tensor, out: dict) -> torch.Tensor:
         total = reconstruction_loss(out["reconstruction"], x)
         for name, weight in self.loss_weights.items():
@@ -127,9 +135,10 @@ class AutoEncoder(EmbeddingModel):
 
     def forward(self, x: torch.Tensor) -> dict:
         self.check_input(x)
-        z = self.to_latent(self.encoder(x))
+        features = self.encoder(x)
+        z = self.to_latent(features)
         reconstruction = self.decoder(z)
-        return {"reconstruction": reconstruction, "embedding": z,
+        return {"reconstruction": reconstruction, "embedding": z, "features": features.mean((2, 3)),
                 "loss_terms": {"recon": reconstruction_loss(reconstruction, x)}, "stats": {}}
 
 
@@ -167,13 +176,14 @@ class VAE(EmbeddingModel):
 
     def forward(self, x: torch.Tensor) -> dict:
         self.check_input(x)
-        mean, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+        features = self.encoder(x)
+        mean, logvar = self.to_posterior(features).chunk(2, dim=1)
         logvar = logvar.clamp(*LOGVAR_RANGE)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
         reconstruction = self.decoder(z)
         kl_nats = (-0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)).mean()
         elements = x[0].numel()
-        return {"reconstruction": reconstruction, "embedding": mean, "mean": mean, "logvar": logvar, "z": z,
+        return {"reconstruction": reconstruction, "embedding": mean, "features": features.mean((2, 3)), "mean": mean, "logvar": logvar, "z": z,
                 "loss_terms": {"recon": reconstruction_loss(reconstruction, x), "kl": kl_nats / elements},
                 "stats": {"kl_nats": kl_nats.detach()}}
 
@@ -330,12 +340,14 @@ class VQVAE(EmbeddingModel):
 
     def forward(self, x: torch.Tensor) -> dict:
         self.check_input(x)
-        z_e = self.to_grid(self.encoder(x))  # (B, D, g, g)
+        features = self.encoder(x)
+        z_e = self.to_grid(features)  # (B, D, g, g)
         batch, grid = x.shape[0], self.grid
         q = self.quantiser(z_e.permute(0, 2, 3, 1).reshape(-1, self.code_dim))
         quantised = q["quantised"].view(batch, grid, grid, self.code_dim).permute(0, 3, 1, 2)
         reconstruction = self.decoder(quantised)
         return {"reconstruction": reconstruction, "embedding": quantised.flatten(1), "quantised": quantised,
+                "features": features.mean((2, 3)),
                 "codes": q["codes"].view(batch, grid, grid), "encoded": z_e,
                 "loss_terms": {"recon": reconstruction_loss(reconstruction, x), "commitment": q["commitment"]},
                 "stats": {name: value.detach() for name, value in q["stats"].items()}}
@@ -374,6 +386,10 @@ class ChannelFoldingWrapper(EmbeddingModel):
     def loss_weights(self) -> dict[str, float]:
         return {**self.model.loss_weights, "consistency": self.consistency_weight}
 
+    @property
+    def feature_dim(self) -> int:
+        return self.in_channels * self.model.feature_dim
+
     def forward(self, x: torch.Tensor) -> dict:
         self.check_input(x)
         batch, channels, height, width = x.shape
@@ -382,5 +398,6 @@ class ChannelFoldingWrapper(EmbeddingModel):
         consistency = (per_channel - per_channel.mean(dim=1, keepdim=True)).pow(2).mean()
         return {"reconstruction": folded["reconstruction"].view(batch, channels, height, width),
                 "embedding": per_channel.flatten(1), "channel_embeddings": per_channel,
+                "features": folded["features"].view(batch, -1),
                 "loss_terms": {**folded["loss_terms"], "consistency": consistency},
                 "stats": folded["stats"], "folded": folded}

@@ -315,11 +315,13 @@ class DistanceMatrixAutoEncoder(EmbeddingModel):
 
     def forward(self, x: torch.Tensor) -> dict:
         self.check_input(x)
-        z = self.to_latent(self.encoder(x))
+        features = self.encoder(x)
+        z = self.to_latent(features)
         reconstruction = self.decoder(z)
         terms = {"recon": invariant_mse(reconstruction[:, 0], x[:, 0]).mean(),
                  **matrix_penalties(reconstruction[:, 0])}
-        return {"reconstruction": reconstruction, "embedding": z, "loss_terms": terms, "stats": {}}
+        return {"reconstruction": reconstruction, "embedding": z, "features": features.mean((2, 3)),
+                "loss_terms": terms, "stats": {}}
 
     def loss(self, x: torch.Tensor, out: dict) -> torch.Tensor:
         # The base class's plain MSE would punish reading the same contour from another start.

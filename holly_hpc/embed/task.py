@@ -22,7 +22,7 @@ from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
 from ..runtime.outputs import image_rows, save_png
 from .data import SPLITS, EmbedDataset, make_collection, step_generator
-from .evaluation import evaluate_embeddings, flat_scores
+from .evaluation import evaluate_readouts, flat_scores
 from .export import write_embeddings
 from .models import VAE, VQVAE, AutoEncoder, ChannelFoldingWrapper, EmbeddingModel
 
@@ -108,14 +108,15 @@ def reindex_matrices(matrices: torch.Tensor, generator: torch.Generator) -> torc
 
 def contour_picture(points: np.ndarray, size: int) -> torch.Tensor:
     """A contour (N, 2) drawn as a closed outline in a (size, size) image, scaled to fit."""
-    from skimage.draw import polygon_perimeter
-
     centred = points - points.mean(0)
     scale = (size / 2 - 2) / max(np.abs(centred).max(), 1e-9)
-    rr, cc = (centred * scale + size / 2).T
+    corners = centred * scale + size / 2
+    ends = np.roll(corners, -1, axis=0)
+    steps = np.linspace(0, 1, 2 * size, endpoint=False)[None, :, None]  # dense enough for unbroken edges
+    trace = (corners[:, None] + steps * (ends - corners)[:, None]).reshape(-1, 2)
+    rows, cols = np.clip(np.rint(trace), 0, size - 1).astype(int).T
     picture = torch.zeros(size, size)
-    r, c = polygon_perimeter(rr, cc, shape=(size, size), clip=True)
-    picture[r, c] = 1.0
+    picture[rows, cols] = 1.0
     return picture
 
 
@@ -250,7 +251,11 @@ class EmbedTask(TaskKind):
             from .shape import classical_mds
 
             rows.append(torch.stack([contour_picture(classical_mds(m[0].numpy()), size) for m in inputs]))
-            decoded = self.model.decode_contours(out["embedding"][:N_SHOWN]).cpu().numpy()
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                decoded = self.model.decode_contours(out["embedding"][:N_SHOWN]).cpu().numpy()
+            self.model.train(was_training)
             rows.append(torch.stack([contour_picture(c, size) for c in decoded]))
             return {"eval/matrices_and_contours": image_rows(rows)}
         rows = []
@@ -276,24 +281,21 @@ class EmbedTask(TaskKind):
     def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
         train = self.config["train"]
         group = store.group.require_group("embeddings")
-        embeddings = {}
-        for split in SPLITS:
-            indices = self.dataset.splits[split]
-            embeddings[split] = write_embeddings(group, split, self.model, self.dataset, indices,
-                                                 train["embed_batch_size"], self.device)
+        readouts = {split: write_embeddings(group, split, self.model, self.dataset, self.dataset.splits[split],
+                                            train["embed_batch_size"], self.device) for split in SPLITS}
         group.attrs.update({"label_names": self.dataset.label_names, "family": self.family,
-                            "embedding_dim": self.model.embedding_dim})
+                            "embedding_dim": self.model.embedding_dim, "feature_dim": self.model.feature_dim})
         for tag, image in self.image_grids().items():
             save_png(final_dir / f"{tag.split('/')[-1]}.png", image)
         metrics = self.evaluate()
-        all_indices = np.concatenate([self.dataset.splits[s] for s in SPLITS])
-        all_embeddings = np.concatenate([embeddings[s] for s in SPLITS])
-        readable = ~np.isnan(all_embeddings).any(axis=1)
-        all_indices, all_embeddings = all_indices[readable], all_embeddings[readable]
-        self._projector = self._projector_view(all_indices, all_embeddings)
-        labelled = np.array([self.dataset.labels[i] is not None for i in all_indices], dtype=bool)
-        if labelled.sum() and len({self.dataset.labels[i] for i in all_indices[labelled]}) >= 2:
-            report = self._evaluate_embeddings(all_indices[labelled], all_embeddings[labelled])
+        indices = np.concatenate([self.dataset.splits[s] for s in SPLITS])
+        joined = {name: np.concatenate([readouts[s][name] for s in SPLITS]) for name in ("embedding", "features")}
+        readable = ~np.isnan(joined["embedding"]).any(axis=1)
+        indices, joined = indices[readable], {name: values[readable] for name, values in joined.items()}
+        self._projector = self._projector_view(indices, joined["embedding"])
+        labelled = np.array([self.dataset.labels[i] is not None for i in indices], dtype=bool)
+        if labelled.sum() and len({self.dataset.labels[i] for i in indices[labelled]}) >= 2:
+            report = self._evaluate(indices[labelled], {name: v[labelled] for name, v in joined.items()})
             (final_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
             metrics.update(flat_scores(report))
         return metrics
@@ -315,11 +317,12 @@ class EmbedTask(TaskKind):
         return {"embedding": {"embeddings": torch.from_numpy(embeddings[chosen]),
                               "labels": labels if any(labels) else None, "thumbnails": composite(images)}}
 
-    def _evaluate_embeddings(self, indices: np.ndarray, embeddings: np.ndarray) -> dict:
+    def _evaluate(self, indices: np.ndarray, readouts: dict[str, np.ndarray]) -> dict:
         train = self.config["train"]
         labels = np.array([self.dataset.labels[i] for i in indices])
         chosen = self._stratified_subset(labels, train["eval_max_images"])
-        indices, embeddings, labels = indices[chosen], embeddings[chosen], labels[chosen]
+        indices, labels = indices[chosen], labels[chosen]
+        readouts = {name: values[chosen] for name, values in readouts.items()}
         images = torch.cat([items for _, items in self.dataset.batches(indices, 256, transformed=False)])
         if self.shape is not None:
             from .shape import region_properties
@@ -328,7 +331,7 @@ class EmbedTask(TaskKind):
             kind = "region"
         else:
             baseline, kind = images.numpy(), "pca"
-        return evaluate_embeddings(embeddings, labels, baseline, kind, train["eval_folds"], self.config["seed"])
+        return evaluate_readouts(readouts, labels, baseline, kind, train["eval_folds"], self.config["seed"])
 
     def _stratified_subset(self, labels: np.ndarray, count: int) -> np.ndarray:
         if len(labels) <= count:
