@@ -74,7 +74,7 @@ def evaluate_readouts(readouts: dict[str, np.ndarray], labels, baseline_features
     """
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
-    report: dict = {"images": int(len(labels)), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
+    report: dict = {"images": len(labels), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
                     "folds": folds_for(labels, folds), "chance_balanced_accuracy": 1 / len(classes)}
     baselines: dict = {}
     for name, values in readouts.items():
