@@ -194,6 +194,27 @@ def test_two_process_ddp_job_trains_and_ranks_agree(slurm, write_spec, tmp_path)
     assert len(list((exp.task_dir(0) / "tb").glob("events.out.tfevents.*"))) == 1
 
 
+def test_two_process_ddp_embed_job_keeps_the_vq_codebook_identical_on_both_ranks(slurm, write_spec, tmp_path):
+    """The embed kind under DDP: each rank reads its half of the batch, gradients are averaged by DDP and the
+    EMA codebook statistics by an all-reduce, so both ranks must end with identical parameters and buffers."""
+    import yaml
+
+    from .test_embed_task import EMBED_TINY
+
+    spec = {"experiment": "tiny-embed", "output_root": str(tmp_path / "runs"), "seed": 1, "device": "cpu",
+            **EMBED_TINY, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}}
+    path = write_spec(raw=yaml.safe_dump(spec, sort_keys=False), name="embed.yaml")
+    done = _sh("submit", path, "--wait", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    exp = Experiment.load(tmp_path / "runs" / "tiny-embed")
+    (run,) = _runs(exp.root)
+    assert run.state == "succeeded" and run.last_step == 6
+    digests = [json.loads((exp.task_dir(0) / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [d["world"] for d in digests] == [2, 2]
+    assert digests[0]["params_sha256"] == digests[1]["params_sha256"]
+    assert "eval_logreg_balanced_accuracy" in run.final_metrics
+
+
 def test_exported_sbatch_script_runs_the_same_tasks(slurm, write_spec, tmp_path):
     path = write_spec({**SLURM_SPEC, "sweep": {"grid": {"train.lr": [0.003, 0.001]}}})
     script = tmp_path / "job.sbatch"

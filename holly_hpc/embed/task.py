@@ -263,16 +263,29 @@ class EmbedTask(TaskKind):
             rows += [inputs[:, c], recon[:, c].clamp(0, 1)]
         return {"eval/inputs_vs_reconstructions": image_rows(rows)}
 
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """The optimiser's parameters plus the EMA codebook, which every rank must keep identical too."""
+        quantiser = quantiser_of(self.model)
+        buffers = list(quantiser.buffers()) if quantiser is not None else []
+        return super().trained_parameters() + buffers
+
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "channels": self.channels,
-                "label_names": self.dataset.label_names}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "channels": self.channels,
+                 "label_names": self.dataset.label_names}
+        quantiser = quantiser_of(self.model)
+        if quantiser is not None and quantiser.generator is not None:
+            state["codebook_generator"] = quantiser.generator.get_state()  # dead-code restarts draw from it
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self._weights_version += 1
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        quantiser = quantiser_of(self.model)
+        if "codebook_generator" in state and quantiser is not None and quantiser.generator is not None:
+            quantiser.generator.set_state(state["codebook_generator"])
 
     # ------------------------------------------------------------------ final outputs
     def projector(self) -> dict[str, dict]:
