@@ -411,3 +411,22 @@ def normalise_reference(image: np.ndarray, low: float = 0.5, high: float = 99.5)
     lo = np.percentile(image, low, axis=(1, 2), keepdims=True)
     hi = np.percentile(image, high, axis=(1, 2), keepdims=True)
     return np.clip((image - lo) / (hi - lo), 0, 1)
+
+
+def test_embed_input_may_be_a_folder_a_zarr_group_or_an_ome_zarr_image(tmp_path):
+    from holly_hpc.embed.infer import open_input
+    from holly_hpc.io.images import OmeZarrCollection, ZarrCollection, write_ome_zarr
+
+    config = _config()
+    stack = np.stack([SyntheticCells(4, 32, 2, 0).read(i) for i in range(4)])
+    group = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", zarr_format=3)
+    group.create_array("images", data=stack, chunks=(1, 2, 32, 32))
+    plain = open_input(tmp_path / "plain.zarr", config, 2, "none", "fail")
+    assert isinstance(plain, ZarrCollection) and len(plain) == 4
+    np.testing.assert_array_equal(plain.read(3), stack[3])
+    write_ome_zarr(tmp_path / "image.ome.zarr", stack.transpose(1, 0, 2, 3).reshape(2, 128, 32), axes="cyx")
+    ome = open_input(tmp_path / "image.ome.zarr", config, 2, "none", "fail")
+    assert isinstance(ome, OmeZarrCollection) and len(ome) == 4  # four 32² tiles at the run's image size
+    np.testing.assert_array_equal(ome.read(2), stack[2])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        open_input(tmp_path / "nowhere", config, 2, "none", "fail")
