@@ -455,6 +455,19 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from .gan.sample import sample_from_run
+
+    exp, index = _task_from(args)
+    if exp is None:
+        return 1
+    summary = sample_from_run(exp, index, args.n, args.code, args.seed, Path(args.output), overwrite=args.overwrite,
+                              device=args.device)
+    fixed = ", ".join(f"{k}={v}" for k, v in summary["fixed"].items()) or "none"
+    print(f"{summary['images']} image(s) from checkpoint step {summary['step']} (fixed codes: {fixed}) -> {summary['output']}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import importlib
 
@@ -571,6 +584,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
     _lookup_options(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("sample", help="draw images from a trained generate (InfoGAN) task")
+    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
+    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--code", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix a code for every image, e.g. cat0=3 or cont1=-1.5 (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and of the codes left free")
+    p.add_argument("--output", default="samples.png", help="a .png grid or a .zarr store (default samples.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
+    _lookup_options(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), "
                                       "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers)")

@@ -24,7 +24,7 @@ from .resources import schema_file
 KeyPath = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
 
 # Sections that describe the experiment, not one task: a sweep may not vary them.
-KIND_NAMES = ("pose", "reconstruct", "embed")  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
+KIND_NAMES = ("pose", "reconstruct", "embed", "generate")  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
 EXPERIMENT_KEYS = ("experiment", "description", "output_root", "sweep", "launch", "registry", "resources", "container")
 
 

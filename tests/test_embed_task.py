@@ -57,14 +57,15 @@ def _config(changes: dict | None = None) -> dict:
     return apply_defaults(spec)
 
 
-def _experiment(write_spec, tmp_path, name: str, changes: dict | None = None):
+def _experiment(write_spec, tmp_path, name: str, changes: dict | None = None, sections: dict | None = None):
+    """Freeze an experiment of TINY's launch settings with the kind sections (default: EMBED_TINY)."""
     import yaml
 
     from .conftest import TINY, deep_update
 
     # TINY's launch and resources, the embed kind's own data, model and train sections
     base = {**{k: v for k, v in TINY.items() if k not in ("data", "model", "train")}, "experiment": name,
-            "output_root": str(tmp_path / "runs"), **EMBED_TINY}
+            "output_root": str(tmp_path / "runs"), **(sections or EMBED_TINY)}
     raw = yaml.safe_dump(deep_update(base, changes or {}), sort_keys=False)
     spec = load_spec(write_spec(raw=raw, name=f"{name}.yaml"))
     return freeze(spec, expand(spec), tmp_path / "runs", f"sqlite:///{tmp_path / 'runs' / 'registry.sqlite'}")

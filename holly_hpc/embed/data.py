@@ -43,6 +43,32 @@ def make_collection(data: dict, seed: int, base_dir: Path) -> ImageCollection:
     return open_collection(source, options, base_dir)
 
 
+def data_problems(data: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+    """Checks of an image data section a schema cannot make (shared by the kinds that read images)."""
+    problems = []
+    source = data["source"]
+    if source != "synthetic":
+        if "path" not in data.get(source, {}):
+            problems.append((("data", source), f"data.source is {source}: expected data.{source}.path"))
+        else:
+            path = Path(data[source]["path"]).expanduser()
+            path = path if path.is_absolute() else base_dir / path
+            if not path.exists():
+                problems.append((("data", source, "path"), f"{path} does not exist"))
+    labels = data.get("folder", {}).get("labels", "none")
+    if source == "folder" and labels not in ("none", "folders"):
+        csv = Path(labels).expanduser()
+        csv = csv if csv.is_absolute() else base_dir / csv
+        if not csv.is_file():
+            problems.append((("data", "folder", "labels"),
+                             f"expected none, folders or a CSV file, but {csv} does not exist"))
+    if data["normalise"]["low"] >= data["normalise"]["high"]:
+        problems.append((("data", "normalise"), "low must be below high"))
+    if data["split"]["val"] + data["split"]["test"] >= 1:
+        problems.append((("data", "split"), "val + test must leave images to train on (< 1)"))
+    return problems
+
+
 def split_of(item_id: str, val: float, test: float) -> str:
     """train, val or test from a hash of the id: stable whatever the order or number of other images."""
     u = int.from_bytes(hashlib.sha256(item_id.encode()).digest()[:8], "big") / 2**64

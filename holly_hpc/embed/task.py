@@ -20,8 +20,15 @@ import torch.nn.functional as F
 
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
-from ..runtime.outputs import image_rows, save_png
-from .data import SPLITS, EmbedDataset, make_collection, step_generator
+from ..runtime.outputs import image_rows, save_png, to_rgb
+from .data import (
+    SPLITS,
+    EmbedDataset,
+    augment,
+    data_problems,
+    make_collection,
+    step_generator,
+)
 from .evaluation import evaluate_readouts, flat_scores
 from .export import write_embeddings
 from .models import VAE, VQVAE, AutoEncoder, ChannelFoldingWrapper, EmbeddingModel
@@ -123,14 +130,7 @@ def contour_picture(points: np.ndarray, size: int) -> torch.Tensor:
 def composite(images: torch.Tensor, size: int = THUMBNAIL) -> torch.Tensor:
     """(B, C, H, W) in [0, 1] -> (B, 3, size, size) colour thumbnails: grey for 1 channel, green + magenta
     for 2 (body, nucleus), the first three as RGB otherwise."""
-    c = images.shape[1]
-    if c == 1:
-        rgb = images.expand(-1, 3, -1, -1)
-    elif c == 2:
-        rgb = torch.stack([images[:, 1], images[:, 0], images[:, 1]], 1)
-    else:
-        rgb = images[:, :3]
-    return F.interpolate(rgb.float(), size=(size, size), mode="area").clamp(0, 1)
+    return F.interpolate(to_rgb(images).float(), size=(size, size), mode="area").clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------ the kind
@@ -138,26 +138,7 @@ class EmbedTask(TaskKind):
     @classmethod
     def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         data, model = config["data"], config["model"]
-        problems = []
-        source = data["source"]
-        if source != "synthetic":
-            if "path" not in data.get(source, {}):
-                problems.append((("data", source), f"data.source is {source}: expected data.{source}.path"))
-            else:
-                path = Path(data[source]["path"]).expanduser()
-                path = path if path.is_absolute() else base_dir / path
-                if not path.exists():
-                    problems.append((("data", source, "path"), f"{path} does not exist"))
-        labels = data.get("folder", {}).get("labels", "none")
-        if source == "folder" and labels not in ("none", "folders"):
-            csv = Path(labels).expanduser()
-            csv = csv if csv.is_absolute() else base_dir / csv
-            if not csv.is_file():
-                problems.append((("data", "folder", "labels"), f"expected none, folders or a CSV file, but {csv} does not exist"))
-        if data["normalise"]["low"] >= data["normalise"]["high"]:
-            problems.append((("data", "normalise"), "low must be below high"))
-        if data["split"]["val"] + data["split"]["test"] >= 1:
-            problems.append((("data", "split"), "val + test must leave images to train on (< 1)"))
+        problems = data_problems(data, base_dir)
         if model["family"] == "shape" and model["channel_mode"] == "fold":
             problems.append((("model", "channel_mode"), "the shape family embeds one mask per cell: use joint"))
         if model["family"] == "vqvae" and model["grid"] > data["image_size"]:
@@ -196,8 +177,6 @@ class EmbedTask(TaskKind):
         if self.shape is not None:
             x = reindex_matrices(x, generator) if self.config["data"]["augment"]["flips"] else x
         else:
-            from .data import augment
-
             aug = self.config["data"]["augment"]
             x = augment(x, generator, aug["flips"], aug["rot90"], aug["intensity_jitter"])
         self.model.train()

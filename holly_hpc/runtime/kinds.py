@@ -18,6 +18,7 @@ KINDS = {
     "pose": "holly_hpc.recon.pose:PoseTask",
     "reconstruct": "holly_hpc.recon.reconstruct:ReconstructTask",
     "embed": "holly_hpc.embed.task:EmbedTask",
+    "generate": "holly_hpc.gan.task:GenerateTask",
 }
 
 

@@ -104,6 +104,28 @@ def image_rows(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
     return grid.expand(3, -1, -1).clone()
 
 
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> (B, 3, H, W) for display: grey for 1 channel, green + magenta for 2 (e.g.
+    cell body + nucleus, the colour-blind-safe pair), the first three as RGB otherwise."""
+    c = images.shape[1]
+    if c == 1:
+        return images.expand(-1, 3, -1, -1)
+    if c == 2:
+        return torch.stack([images[:, 1], images[:, 0], images[:, 1]], 1)
+    return images[:, :3]
+
+
+def rgb_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
+    """(rows, cols, 3, H, W) in [0, 1] -> one (3, H', W') picture with white gutters."""
+    rows, cols, _, h, w = images.shape
+    grid = torch.ones(3, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = pad + r * (h + pad), pad + c * (w + pad)
+            grid[:, top:top + h, left:left + w] = images[r, c]
+    return grid
+
+
 def save_png(path: Path, image: torch.Tensor, scale: int = 4) -> None:
     """Save a (3, H, W) image in [0, 1] as PNG, upscaled by `scale` (nearest) so small renders are visible."""
     from PIL import Image

@@ -1,0 +1,246 @@
+"""Task kind `generate`: an InfoGAN that learns to generate cell images and discovers interpretable factors
+as latent codes. Reads images exactly as the embed kind does (folders, zarr, OME-Zarr, generated cells).
+
+Each step: one discriminator update (real vs generated, plus the information loss so the Q head learns to
+read the codes), then one generator update (fool D, plus the information loss so the codes show in the
+image). Codes and noise come from the step's own generator, real images from the seeded epoch order, so a
+resumed run continues exactly. Under DDP each rank reads its share of the batch and gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..embed.data import EmbedDataset, augment, data_problems, make_collection, step_generator
+from ..runtime.distributed import DistInfo
+from ..runtime.kinds import TaskKind, make_lr_scheduler
+from .metrics import cluster_accuracy, mean_pairwise_distance
+from .models import (
+    VALID_SIZES,
+    CodeSpec,
+    Discriminator,
+    Generator,
+    code_cross_entropies,
+    discriminator_loss,
+    generator_loss,
+    info_loss,
+    mi_estimates,
+)
+from .traversal import sample_grid, traversal_frames, traversal_grid, write_gif
+
+CODES_STREAM, FIXED_STREAM = 4, 5  # step_generator streams (1 and 2 are the data's)
+
+
+def build_generator(config: dict, channels: int) -> tuple[Generator, CodeSpec]:
+    model = config["model"]
+    codes = CodeSpec(model["noise_dim"], model["categorical"], model["continuous"])
+    return Generator(codes.dim, channels, config["data"]["image_size"], model["generator_width"]), codes
+
+
+def average_gradients(module: torch.nn.Module, dist: DistInfo) -> None:
+    """Mean of each gradient over the ranks (what DDP does), written out because a GAN step runs the
+    discriminator several times before one backward, which DDP's hooks do not allow."""
+    if not dist.active:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+            p.grad.div_(dist.world)
+
+
+class GenerateTask(TaskKind):
+    @classmethod
+    def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+        problems = data_problems(config["data"], base_dir)
+        if config["data"]["image_size"] not in VALID_SIZES:
+            problems.append((("data", "image_size"), f"the generator grows images from a 4–7 pixel seed by doubling: "
+                                                     f"use one of {', '.join(map(str, VALID_SIZES))}"))
+        model = config["model"]
+        if not model["categorical"] and model["continuous"] == 0:
+            problems.append((("model",), "InfoGAN needs at least one code: model.categorical or model.continuous"))
+        return problems
+
+    def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
+        self.config, self.device, self.dist = config, device, dist or DistInfo()
+        data, model, train = config["data"], config["model"], config["train"]
+        self.dataset = EmbedDataset(make_collection(data, config["seed"], base_dir), data, config["seed"])
+        self.channels = self.dataset.collection.channels
+        self.generator, self.codes = build_generator(config, self.channels)
+        self.generator.to(device)
+        self.discriminator = Discriminator(self.codes, self.channels, data["image_size"], model["discriminator_width"],
+                                           model["q_hidden"]).to(device)
+        betas = tuple(train["betas"])
+        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=train["lr"], betas=betas,
+                                       weight_decay=train["weight_decay"])
+        self.opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=train["lr_discriminator"], betas=betas,
+                                       weight_decay=train["weight_decay"])
+        self.optimizer = self.opt_g  # the TaskKind default of trained_parameters reads it; see below
+        self.sched_g, self.sched_d = make_lr_scheduler(self.opt_g, train), make_lr_scheduler(self.opt_d, train)
+        held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
+        self.real_eval, self.real_eval_indices = self.dataset.load(held_out[:data["eval_size"]])
+        self.real_eval = self.real_eval.to(device)
+        self.fixed = self._codes(train["samples"], FIXED_STREAM, 0)  # the same latents at every log
+        self._real_diversity = mean_pairwise_distance(self.real_eval)
+        self._warned_collapse = False
+        self._steps_done = 0
+
+    # ------------------------------------------------------------------ training
+    def _codes(self, batch: int, stream: int, step: int) -> dict[str, torch.Tensor]:
+        codes = self.codes.sample(batch, step_generator(self.config["seed"], stream, step))
+        return {k: v.to(self.device) for k, v in codes.items()}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        train, model = self.config["train"], self.config["model"]
+        self._steps_done = step + 1
+        indices = self.dataset.train_indices(step, train["batch_size"])
+        codes = self._codes(train["batch_size"], CODES_STREAM, step)
+        if self.dist.active:  # each rank its share of the images and of the latents
+            indices = indices[self.dist.rank::self.dist.world]
+            codes = {k: v[self.dist.rank::self.dist.world] for k, v in codes.items()}
+        real, _ = self.dataset.load(indices)
+        aug = self.config["data"]["augment"]
+        real = augment(real.to(self.device), step_generator(self.config["seed"], 2, step), aug["flips"], aug["rot90"],
+                       aug["intensity_jitter"])
+        self.generator.train()
+        self.discriminator.train()
+        latent = self.codes.latent(codes)
+        lam_cat, lam_cont, loss_kind = model["lambda_categorical"], model["lambda_continuous"], model["loss"]
+
+        # Discriminator (and Q): real vs generated, and read the codes back from the generated images.
+        fake = self.generator(latent).detach()
+        real_logits, _ = self.discriminator(real)
+        fake_logits, q = self.discriminator(fake)
+        ce_d = code_cross_entropies(q, codes, self.codes)
+        loss_d = discriminator_loss(real_logits, fake_logits, loss_kind) + info_loss(ce_d, lam_cat, lam_cont)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        average_gradients(self.discriminator, self.dist)
+        self.opt_d.step()
+
+        # Generator: fool D, and make the codes readable.
+        fake_logits, q = self.discriminator(self.generator(latent))
+        ce_g = code_cross_entropies(q, codes, self.codes)
+        adversarial = generator_loss(fake_logits, loss_kind)
+        loss_g = adversarial + info_loss(ce_g, lam_cat, lam_cont)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        average_gradients(self.generator, self.dist)
+        self.opt_g.step()
+        lr = self.opt_g.param_groups[0]["lr"]
+        self.sched_g.step()
+        self.sched_d.step()
+        metrics: dict[str, Any] = {"loss": (loss_d + loss_g).detach(), "loss_d": loss_d.detach(),
+                                   "loss_g_adversarial": adversarial.detach(), "lr": lr}
+        metrics.update({f"train_ce_{k}": v.detach() for k, v in ce_g.items()})
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _generate(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        was = self.generator.training
+        self.generator.eval()
+        images = self.generator(self.codes.latent(codes))
+        self.generator.train(was)
+        return images
+
+    @torch.no_grad()
+    def _q(self, images: torch.Tensor) -> dict:
+        was = self.discriminator.training
+        self.discriminator.eval()
+        _, q = self.discriminator(images)
+        self.discriminator.train(was)
+        return q
+
+    def evaluate(self) -> dict[str, float]:
+        samples = self._generate(self.fixed)
+        cross_entropies = code_cross_entropies(self._q(samples), self.fixed, self.codes)
+        metrics = {f"mi_{name}": value for name, value in mi_estimates(cross_entropies, self.codes).items()}
+        metrics.update({f"mi_{name}_max": value for name, value in self.codes.entropies().items()})
+        diversity = mean_pairwise_distance(samples)
+        metrics["sample_diversity"] = diversity
+        metrics["diversity_ratio"] = diversity / max(self._real_diversity, 1e-12)
+        settled = self._steps_done >= 0.1 * self.config["train"]["steps"]  # early samples are alike anyway
+        if settled and metrics["diversity_ratio"] < self.config["train"]["collapse_warning"] and not self._warned_collapse:
+            self._warned_collapse = True  # once per run; the scalar stays in TensorBoard and zarr
+            print(f"warning: possible mode collapse: generated images are {metrics['diversity_ratio']:.2f}x as "
+                  f"diverse as real ones (mean pairwise distance {diversity:.3g} vs {self._real_diversity:.3g})",
+                  file=sys.stderr, flush=True)
+        if self.codes.categorical and self.dataset.label_names:
+            labels = [self.dataset.labels[i] for i in self.real_eval_indices]
+            if all(label is not None for label in labels):
+                predicted = self._q(self.real_eval)["cat_logits"][0].argmax(1).cpu().numpy()
+                metrics["cluster_accuracy"] = cluster_accuracy(predicted, labels)
+        return metrics
+
+    def image_grids(self) -> dict[str, torch.Tensor]:
+        grids = {"samples": sample_grid(self._generate(self.fixed)[:32], columns=8)}
+        for name in self.codes.names():
+            grids[f"traversal/{name}"] = traversal_grid(self._traversal(name))
+        return grids
+
+    def _traversal(self, name: str) -> torch.Tensor:
+        """(rows, values, C, H, W): each row one fixed latent, each column one value of code `name`."""
+        train = self.config["train"]
+        rows = {k: v[:train["traversal_rows"]] for k, v in self.fixed.items()}
+        return torch.stack([self._generate(codes) for codes in traversal_frames(rows, name, self.codes,
+                                                                                train["traversal_steps"],
+                                                                                train["traversal_range"])], 1)
+
+    # ------------------------------------------------------------------ checkpoints and outputs
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [*self.generator.parameters(), *self.discriminator.parameters()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(), "channels": self.channels}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+
+    def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
+        from ..runtime.outputs import save_png
+
+        folder = final_dir / "traversals"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in self.codes.names():
+            grid = self._traversal(name)
+            save_png(folder / f"{name}.png", traversal_grid(grid), scale=2)
+            if name.startswith("cont"):
+                write_gif(folder / f"{name}.gif", grid)
+        samples = self._generate(self.fixed)
+        save_png(final_dir / "samples.png", sample_grid(samples, columns=8), scale=2)
+        store.write_array("samples/images", samples.cpu().numpy().astype(np.float32))
+        for key, value in self.fixed.items():
+            store.write_array(f"samples/{key}", value.cpu().numpy())
+        torch.save({"generator": self.generator.state_dict(), "config": self.config, "channels": self.channels},
+                   final_dir / "generator.pt")
+        metrics = self.evaluate()
+        if self.codes.categorical and self.dataset.label_names:
+            metrics.update(self._cluster_accuracy_all())
+        return metrics
+
+    def _cluster_accuracy_all(self) -> dict[str, float]:
+        """Q's first categorical code as a clustering of every labelled image (up to eval_max_images)."""
+        labelled = np.array([i for i in range(len(self.dataset.labels)) if self.dataset.labels[i] is not None])
+        limit = self.config["train"]["eval_max_images"]
+        if len(labelled) > limit:
+            labelled = np.sort(np.random.default_rng([self.config["seed"], 6]).choice(labelled, limit, replace=False))
+        predicted, labels = [], []
+        for kept, images in self.dataset.batches(labelled, 256):
+            predicted.append(self._q(images.to(self.device))["cat_logits"][0].argmax(1).cpu().numpy())
+            labels += [self.dataset.labels[i] for i in kept]
+        predicted = np.concatenate(predicted)
+        classes = len(set(labels))
+        return {"cluster_accuracy_all": cluster_accuracy(predicted, labels), "cluster_chance": 1 / classes,
+                "cluster_images": float(len(labels))}
