@@ -15,7 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from holly_hpc.gan.metrics import cluster_accuracy, cluster_accuracy_reference, mean_pairwise_distance
+from holly_hpc.gan.metrics import (
+    cluster_accuracy,
+    cluster_accuracy_reference,
+    mean_pairwise_distance,
+)
 from holly_hpc.gan.models import (
     VALID_SIZES,
     CodeSpec,
@@ -30,7 +34,11 @@ from holly_hpc.gan.models import (
 )
 from holly_hpc.gan.task import GenerateTask
 from holly_hpc.gan.traversal import traversal_frames
-from holly_hpc.runtime.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from holly_hpc.runtime.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+)
 from holly_hpc.runtime.task import run_task
 from holly_hpc.spec import SpecError, apply_defaults, load_spec
 
@@ -234,6 +242,7 @@ def test_holly_hpc_sample_draws_from_the_trained_generator(write_spec, tmp_path,
     code, _, stderr = cli("sample", exp.root, "--task", "0", "--code", "colour=1", "--output", tmp_path / "x.png")
     assert code == 1 and "one of cat0, cont0" in stderr
     code, stdout, _ = cli("sample", exp.root, "--task", "0", "--output", tmp_path / "x.png")
-    assert code == 0 and Image.open(tmp_path / "x.png").size[0] > 0
+    assert code == 0 and "64 image(s) from checkpoint step 6" in stdout
+    assert Image.open(tmp_path / "x.png").size == (2 * (8 * 34 + 2), 2 * (8 * 34 + 2))  # 64 cells, 8 per row
     code, _, stderr = cli("sample", exp.root, "--task", "0", "--output", tmp_path / "x.png")
     assert code == 1 and "--overwrite" in stderr

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..embed.data import EmbedDataset, augment, data_problems, make_collection, step_generator
+from ..embed.data import (
+    EmbedDataset,
+    augment,
+    data_problems,
+    make_collection,
+    step_generator,
+)
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler
 from .metrics import cluster_accuracy, mean_pairwise_distance
@@ -58,8 +64,9 @@ class GenerateTask(TaskKind):
     def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         problems = data_problems(config["data"], base_dir)
         if config["data"]["image_size"] not in VALID_SIZES:
-            problems.append((("data", "image_size"), f"the generator grows images from a 4–7 pixel seed by doubling: "
-                                                     f"use one of {', '.join(map(str, VALID_SIZES))}"))
+            sizes = ", ".join(map(str, VALID_SIZES))
+            problems.append((("data", "image_size"),
+                             f"the generator grows images from a 4–7 pixel seed by doubling: use one of {sizes}"))
         model = config["model"]
         if not model["categorical"] and model["continuous"] == 0:
             problems.append((("model",), "InfoGAN needs at least one code: model.categorical or model.continuous"))
