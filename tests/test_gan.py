@@ -246,3 +246,23 @@ def test_holly_hpc_sample_draws_from_the_trained_generator(write_spec, tmp_path,
     assert Image.open(tmp_path / "x.png").size == (2 * (8 * 34 + 2), 2 * (8 * 34 + 2))  # 64 cells, 8 per row
     code, _, stderr = cli("sample", exp.root, "--task", "0", "--output", tmp_path / "x.png")
     assert code == 1 and "--overwrite" in stderr
+
+
+def test_the_information_term_reaches_the_code_entropy_in_a_short_cpu_run():
+    """On generated cells of 3 classes, a 3-way categorical code becomes readable from the generated images:
+    the MI bound approaches its maximum H(c) = log 3 within 150 steps (measured: 1.08 of 1.10 nats)."""
+    config = apply_defaults({
+        "experiment": "g", "seed": 0, "device": "cpu", "kind": "generate",
+        "data": {"source": "synthetic", "image_size": 32, "synthetic": {"count": 300, "classes": 3}, "eval_size": 32},
+        "model": {"noise_dim": 16, "categorical": [3], "continuous": 1, "generator_width": 16,
+                  "discriminator_width": 16},
+        "train": {"steps": 150, "batch_size": 32, "lr": 0.001, "samples": 128},
+    })
+    kind = GenerateTask(config, torch.device("cpu"), base_dir=None)
+    before = kind.evaluate()["mi_cat0"]
+    for step in range(150):
+        kind.train_step(step)
+    after = kind.evaluate()
+    assert abs(before) < 0.1
+    assert after["mi_cat0"] > 0.9 * math.log(3), after
+    assert after["mi_cat0_max"] == pytest.approx(math.log(3))

@@ -39,7 +39,7 @@ from .models import (
 )
 from .traversal import sample_grid, traversal_frames, traversal_grid, write_gif
 
-CODES_STREAM, FIXED_STREAM = 4, 5  # step_generator streams (1 and 2 are the data's)
+CODES_STREAM, FIXED_STREAM, NOISE_STREAM = 4, 5, 6  # step_generator streams (1 and 2 are the data's)
 
 
 def build_generator(config: dict, channels: int) -> tuple[Generator, CodeSpec]:
@@ -118,10 +118,16 @@ class GenerateTask(TaskKind):
         latent = self.codes.latent(codes)
         lam_cat, lam_cont, loss_kind = model["lambda_categorical"], model["lambda_continuous"], model["loss"]
 
+        # Instance noise on everything the discriminator sees: a code hidden in faint pixel patterns would
+        # drown in it, so the generator has to express the codes in the visible structure of the cell.
+        noise_std = train["instance_noise"]
+        noise = step_generator(self.config["seed"], NOISE_STREAM, step)
+        jitter = (lambda x: x + noise_std * torch.randn(x.shape, generator=noise).to(x)) if noise_std > 0 else (lambda x: x)
+
         # Discriminator (and Q): real vs generated, and read the codes back from the generated images.
         fake = self.generator(latent).detach()
-        real_logits, _ = self.discriminator(real)
-        fake_logits, q = self.discriminator(fake)
+        real_logits, _ = self.discriminator(jitter(real))
+        fake_logits, q = self.discriminator(jitter(fake))
         ce_d = code_cross_entropies(q, codes, self.codes)
         loss_d = discriminator_loss(real_logits, fake_logits, loss_kind) + info_loss(ce_d, lam_cat, lam_cont)
         self.opt_d.zero_grad(set_to_none=True)
@@ -130,7 +136,7 @@ class GenerateTask(TaskKind):
         self.opt_d.step()
 
         # Generator: fool D, and make the codes readable.
-        fake_logits, q = self.discriminator(self.generator(latent))
+        fake_logits, q = self.discriminator(jitter(self.generator(latent)))
         ce_g = code_cross_entropies(q, codes, self.codes)
         adversarial = generator_loss(fake_logits, loss_kind)
         loss_g = adversarial + info_loss(ce_g, lam_cat, lam_cont)
