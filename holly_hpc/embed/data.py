@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import resolve_path
 from ..io.images import ImageCollection, ImageFormatError, open_collection
 from .models import normalise_per_channel
 from .synthetic import SyntheticCells
@@ -51,14 +52,12 @@ def data_problems(data: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         if "path" not in data.get(source, {}):
             problems.append((("data", source), f"data.source is {source}: expected data.{source}.path"))
         else:
-            path = Path(data[source]["path"]).expanduser()
-            path = path if path.is_absolute() else base_dir / path
+            path = resolve_path(data[source]["path"], base_dir)
             if not path.exists():
                 problems.append((("data", source, "path"), f"{path} does not exist"))
     labels = data.get("folder", {}).get("labels", "none")
     if source == "folder" and labels not in ("none", "folders"):
-        csv = Path(labels).expanduser()
-        csv = csv if csv.is_absolute() else base_dir / csv
+        csv = resolve_path(labels, base_dir)
         if not csv.is_file():
             problems.append((("data", "folder", "labels"),
                              f"expected none, folders or a CSV file, but {csv} does not exist"))

@@ -27,6 +27,8 @@ import tifffile
 import zarr
 from PIL import Image
 
+from . import resolve_path
+
 TIFF_SUFFIXES = (".tif", ".tiff")
 DEFAULT_EXTENSIONS = (".tif", ".tiff", ".png")
 ON_BAD = ("fail", "skip")
@@ -726,11 +728,11 @@ def open_collection(kind: str, options: dict, base_dir: str | Path) -> ImageColl
     if "path" not in opts:
         raise ValueError(f"{kind} collection: option 'path' is required")
     base_dir = Path(base_dir)
-    path = _resolve(opts.pop("path"), base_dir)
+    path = resolve_path(opts.pop("path"), base_dir)
     if kind == "folder":
         labels = opts.get("labels", "none")
         if labels not in ("none", "folders"):
-            opts["labels"] = _resolve(labels, base_dir)
+            opts["labels"] = resolve_path(labels, base_dir)
         return FolderCollection(path, **opts)
     if kind == "zarr":
         return ZarrCollection(path, **opts)
@@ -738,10 +740,6 @@ def open_collection(kind: str, options: dict, base_dir: str | Path) -> ImageColl
         raise ValueError("ome_zarr collection: option 'tile' is required")
     return OmeZarrCollection(path, **opts)
 
-
-def _resolve(path: str | Path, base_dir: Path) -> Path:
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else base_dir / path
 
 
 def _item(index: int, n: int) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..io import resolve_path
 from .render import render_images
 from .simulate import (
     EVAL_STREAM,
@@ -37,11 +38,6 @@ class ImageSource(ABC):
     @abstractmethod
     def eval_batch(self, sigma: float) -> dict[str, torch.Tensor]:
         """The held-out images at `sigma` (the same images at every call)."""
-
-
-def _resolve(path: str, base_dir: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else base_dir / p
 
 
 # ------------------------------------------------------------------------------------------ simulate
@@ -109,10 +105,10 @@ class FitsSource(ImageSource):
         cfg, size = data["fits"], data["image_size"]
         if cfg.get("folder"):
             self.by_sigma = None
-            stack = torch.from_numpy(read_fits_folder(_resolve(cfg["folder"], base_dir), expected_size=size))
+            stack = torch.from_numpy(read_fits_folder(resolve_path(cfg["folder"], base_dir), expected_size=size))
             self.images = {0.0: stack.to(device)}
         else:
-            stacks = read_fits_folders_by_sigma({float(k): _resolve(v, base_dir) for k, v in cfg["folders"].items()})
+            stacks = read_fits_folders_by_sigma({float(k): resolve_path(v, base_dir) for k, v in cfg["folders"].items()})
             for sigma, stack in stacks.items():
                 if stack.shape[-1] != size:
                     raise ValueError(f"FITS folder for sigma {sigma}: images are {stack.shape[-1]}², data.image_size is {size}")
@@ -152,7 +148,7 @@ class LocalisationSource(ImageSource):
         from ..io.localisations import centre_particles, read_localisations
 
         cfg = data["localisations"]
-        table = centre_particles(read_localisations(_resolve(cfg["path"], base_dir), columns=cfg.get("columns") or None,
+        table = centre_particles(read_localisations(resolve_path(cfg["path"], base_dir), columns=cfg.get("columns") or None,
                                                     dataset=cfg.get("dataset")))
         particles = [torch.as_tensor(p, dtype=torch.float32) for _, p in sorted(table.particles.items())]
         longest = max(len(p) for p in particles)
