@@ -21,7 +21,7 @@ from ..io.images import (
     OmeZarrCollection,
     ZarrCollection,
 )
-from ..runtime.checkpoint import latest_checkpoint, load_checkpoint
+from ..runtime.evaluate import newest_task_checkpoint
 from .data import EmbedDataset
 from .export import write_embeddings
 from .task import ShapeTransform, build_model
@@ -50,14 +50,9 @@ def embed_new_images(experiment: Experiment, index: int, input_path: Path, outpu
 
     task = experiment.task(index)
     config = task.config
-    if config["kind"] != "embed":
-        raise ValueError(f"task {index} of {experiment.name} is a {config['kind']} task, not embed")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; give --overwrite to replace it")
-    checkpoint = latest_checkpoint(experiment.task_dir(index) / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(f"{experiment.task_dir(index) / 'checkpoints'}: no checkpoint (has task {index} run?)")
-    payload = load_checkpoint(checkpoint)
+    payload = newest_task_checkpoint(experiment, index, kind="embed")
     state = payload["kind"]
     dev = select_device(device or config["device"])
     model = build_model(config["model"], state["channels"], config["data"]["image_size"], config["seed"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..experiment import Experiment
-from ..runtime.checkpoint import latest_checkpoint, load_checkpoint
+from ..runtime.evaluate import newest_task_checkpoint
 from .models import CodeSpec
 from .task import build_generator
 from .traversal import sample_grid
@@ -46,16 +46,11 @@ def sample_from_run(experiment: Experiment, index: int, n: int, code_pairs: list
     from ..runtime.task import select_device
 
     config = experiment.task(index).config
-    if config["kind"] != "generate":
-        raise ValueError(f"task {index} of {experiment.name} is a {config['kind']} task, not generate")
     if output.suffix not in (".png", ".zarr"):
         raise ValueError(f"--output {output}: expected a .png grid or a .zarr store")
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; give --overwrite to replace it")
-    checkpoint = latest_checkpoint(experiment.task_dir(index) / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(f"{experiment.task_dir(index) / 'checkpoints'}: no checkpoint (has task {index} run?)")
-    payload = load_checkpoint(checkpoint)
+    payload = newest_task_checkpoint(experiment, index, kind="generate")
     generator, spec = build_generator(config, payload["kind"]["channels"])
     generator.load_state_dict(payload["kind"]["generator"])
     dev = select_device(device or config["device"])

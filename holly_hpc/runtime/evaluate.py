@@ -7,6 +7,18 @@ from .checkpoint import latest_checkpoint, load_checkpoint
 from .outputs import MetricsStore, TaskPaths, write_json_atomic
 
 
+def newest_task_checkpoint(experiment: Experiment, index: int, kind: str | None = None) -> dict:
+    """The payload of task `index`'s newest checkpoint; with `kind`, the task must be of that kind."""
+    config = experiment.task(index).config
+    if kind is not None and config["kind"] != kind:
+        raise ValueError(f"task {index} of {experiment.name} is a {config['kind']} task, not {kind}")
+    folder = TaskPaths(experiment.task_dir(index)).checkpoints
+    path = latest_checkpoint(folder)
+    if path is None:
+        raise FileNotFoundError(f"{folder}: no checkpoint (has task {index} run?)")
+    return load_checkpoint(path)
+
+
 def evaluate_task(experiment: Experiment, index: int) -> dict[str, float]:
     """Load the task's newest checkpoint into its kind, rewrite final/ and outputs.zarr's final arrays."""
     from .kinds import get_kind
@@ -14,10 +26,7 @@ def evaluate_task(experiment: Experiment, index: int) -> dict[str, float]:
 
     task = experiment.task(index)
     paths = TaskPaths(experiment.task_dir(index))
-    path = latest_checkpoint(paths.checkpoints)
-    if path is None:
-        raise FileNotFoundError(f"{paths.checkpoints}: no checkpoint to evaluate (has task {index} run?)")
-    payload = load_checkpoint(path)
+    payload = newest_task_checkpoint(experiment, index)
     kind = get_kind(task.config["kind"])(task.config, select_device(task.config["device"]), experiment.spec_dir)
     kind.load_state_dict(payload["kind"])
     paths.final.mkdir(parents=True, exist_ok=True)
