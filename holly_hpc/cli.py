@@ -488,6 +488,13 @@ def _lookup_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="registry URL (default: $HOLLY_REGISTRY_URL, then <output-root>/registry.sqlite)")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """RUN as a task folder, or an experiment (folder or name) with --task N (see _task_from)."""
+    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
+    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
+    _lookup_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -567,14 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("eval", help="recompute a finished task's metrics and pictures from its checkpoint")
-    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
-    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
-    _lookup_options(p)
+    _run_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("embed", help="embed new images (folder of TIFF/PNG, zarr, OME-Zarr) with a trained embed task")
-    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
-    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
+    _run_options(p)
     p.add_argument("--input", required=True, help="folder of images, zarr group (array 'images') or OME-Zarr image")
     p.add_argument("--output", help="zarr store to write (default: <input>.embeddings.zarr beside the input)")
     p.add_argument("--labels", default="none", help="labels of a folder input: none, folders, or a CSV file,label")
@@ -582,12 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: the spec's train.embed_batch_size)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
-    _lookup_options(p)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("sample", help="draw images from a trained generate (InfoGAN) task")
-    p.add_argument("run", metavar="RUN", help="a task folder, or an experiment (folder or name) with --task")
-    p.add_argument("--task", type=int, help="task index, when RUN is an experiment")
+    _run_options(p)
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--code", action="append", default=[], metavar="NAME=VALUE",
                    help="fix a code for every image, e.g. cat0=3 or cont1=-1.5 (repeatable)")
@@ -595,7 +597,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="samples.png", help="a .png grid or a .zarr store (default samples.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
-    _lookup_options(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), "

@@ -86,7 +86,6 @@ class GenerateTask(TaskKind):
                                        weight_decay=train["weight_decay"])
         self.opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=train["lr_discriminator"], betas=betas,
                                        weight_decay=train["weight_decay"])
-        self.optimizer = self.opt_g  # the TaskKind default of trained_parameters reads it; see below
         self.sched_g, self.sched_d = make_lr_scheduler(self.opt_g, train), make_lr_scheduler(self.opt_d, train)
         held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
         self.real_eval, self.real_eval_indices = self.dataset.load(held_out[:data["eval_size"]])

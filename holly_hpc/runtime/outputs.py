@@ -95,13 +95,8 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 def image_rows(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
     """Stack rows of images (each (B, H, W) in [0, 1]) into one (3, H', W') grid with white gutters."""
-    n_rows, (b, h, w) = len(rows), rows[0].shape
-    grid = torch.ones(n_rows * (h + pad) + pad, b * (w + pad) + pad)
-    for r, row in enumerate(rows):
-        for c in range(b):
-            top, left = pad + r * (h + pad), pad + c * (w + pad)
-            grid[top:top + h, left:left + w] = row[c]
-    return grid.expand(3, -1, -1).clone()
+    grey = torch.stack(rows)[:, :, None]  # (rows, B, 1, H, W)
+    return rgb_grid(grey.expand(-1, -1, 3, -1, -1), pad)
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
