@@ -32,6 +32,25 @@ def deep_update(base: dict, changes: dict) -> dict:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: a shared 2-core machine slows badly when OpenMP oversubscribes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def seeded_torch():
+    """The global torch RNG at seed 0, for tests that initialise models from it."""
+    import torch
+
+    torch.manual_seed(0)
+
+
+@pytest.fixture
 def write_spec(tmp_path):
     """write_spec(changes, name) -> path of a spec = TINY updated with `changes`, output_root in tmp_path."""
 

@@ -12,13 +12,7 @@ import torch
 
 from holly_hpc.bench.embed import config, main, plain_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_json_rows(capsys):

@@ -24,13 +24,7 @@ from holly_hpc.embed.resnet import BasicBlock, Bottleneck, ResNetEncoder
 WIDTH = 4  # stage widths 4..32: enough to exercise every layer, cheap on a shared CPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_seed():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded_torch")
 
 
 def blob_images(count: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:

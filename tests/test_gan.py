@@ -52,13 +52,7 @@ GAN_TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded_torch")
 
 
 def _experiment(write_spec, tmp_path, name: str, changes: dict | None = None):

@@ -36,13 +36,7 @@ from holly_hpc.embed.shape import (
 WIDTH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_seed():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded_torch")
 
 
 def ellipse_contour(a: float, b: float, points: int = 1000, angle: float = 0.0) -> np.ndarray:
