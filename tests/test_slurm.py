@@ -180,16 +180,22 @@ def test_sigusr2_checkpoints_requeues_and_finishes_identically(slurm, write_spec
     assert reasons == [("preempted",), ("completed",)]
 
 
-def test_two_process_ddp_job_trains_and_ranks_agree(slurm, write_spec, tmp_path):
-    path = write_spec({**SLURM_SPEC, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}})
+def _two_rank_run(path, exp_dir, steps: int):
+    """Submit a 2-rank spec and wait; the run succeeded after `steps` and both ranks' parameter digests agree."""
     done = _sh("submit", path, "--wait", timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    exp = Experiment.load(tmp_path / "runs" / "tiny")
+    exp = Experiment.load(exp_dir)
     (run,) = _runs(exp.root)
-    assert run.state == "succeeded" and run.last_step == 20
+    assert run.state == "succeeded" and run.last_step == steps
     digests = [json.loads((exp.task_dir(0) / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [d["world"] for d in digests] == [2, 2]
     assert digests[0]["params_sha256"] == digests[1]["params_sha256"]
+    return exp, run
+
+
+def test_two_process_ddp_job_trains_and_ranks_agree(slurm, write_spec, tmp_path):
+    path = write_spec({**SLURM_SPEC, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}})
+    exp, _ = _two_rank_run(path, tmp_path / "runs" / "tiny", steps=20)
     # Only rank 0 wrote outputs: one TensorBoard event file.
     assert len(list((exp.task_dir(0) / "tb").glob("events.out.tfevents.*"))) == 1
 
@@ -204,14 +210,7 @@ def test_two_process_ddp_embed_job_keeps_the_vq_codebook_identical_on_both_ranks
     spec = {"experiment": "tiny-embed", "output_root": str(tmp_path / "runs"), "seed": 1, "device": "cpu",
             **EMBED_TINY, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}}
     path = write_spec(raw=yaml.safe_dump(spec, sort_keys=False), name="embed.yaml")
-    done = _sh("submit", path, "--wait", timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    exp = Experiment.load(tmp_path / "runs" / "tiny-embed")
-    (run,) = _runs(exp.root)
-    assert run.state == "succeeded" and run.last_step == 6
-    digests = [json.loads((exp.task_dir(0) / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    assert [d["world"] for d in digests] == [2, 2]
-    assert digests[0]["params_sha256"] == digests[1]["params_sha256"]
+    _, run = _two_rank_run(path, tmp_path / "runs" / "tiny-embed", steps=6)
     assert "eval_logreg_balanced_accuracy" in run.final_metrics
 
 
