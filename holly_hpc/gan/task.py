@@ -94,6 +94,8 @@ class GenerateTask(TaskKind):
         self._real_diversity = mean_pairwise_distance(self.real_eval)
         self._warned_collapse = False
         self._steps_done = 0
+        self._weights_version = 0  # bumped by every update and load: keys the fixed samples' cache
+        self._samples_cache: tuple[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ training
     def _codes(self, batch: int, stream: int, step: int) -> dict[str, torch.Tensor]:
@@ -143,6 +145,7 @@ class GenerateTask(TaskKind):
         loss_g.backward()
         average_gradients(self.generator, self.dist)
         self.opt_g.step()
+        self._weights_version += 1
         lr = self.opt_g.param_groups[0]["lr"]
         self.sched_g.step()
         self.sched_d.step()
@@ -168,8 +171,15 @@ class GenerateTask(TaskKind):
         self.discriminator.train(was)
         return q
 
+    def _fixed_samples(self) -> torch.Tensor:
+        """The generator's images of the fixed latents, once per weights version (evaluate, the grids and
+        the final outputs all show them)."""
+        if self._samples_cache is None or self._samples_cache[0] != self._weights_version:
+            self._samples_cache = (self._weights_version, self._generate(self.fixed))
+        return self._samples_cache[1]
+
     def evaluate(self) -> dict[str, float]:
-        samples = self._generate(self.fixed)
+        samples = self._fixed_samples()
         cross_entropies = code_cross_entropies(self._q(samples), self.fixed, self.codes)
         metrics = {f"mi_{name}": value for name, value in mi_estimates(cross_entropies, self.codes).items()}
         metrics.update({f"mi_{name}_max": value for name, value in self.codes.entropies().items()})
@@ -190,7 +200,7 @@ class GenerateTask(TaskKind):
         return metrics
 
     def image_grids(self) -> dict[str, torch.Tensor]:
-        grids = {"samples": sample_grid(self._generate(self.fixed)[:32], columns=8)}
+        grids = {"samples": sample_grid(self._fixed_samples()[:32], columns=8)}
         for name in self.codes.names():
             grids[f"traversal/{name}"] = traversal_grid(self._traversal(name))
         return grids
@@ -214,6 +224,7 @@ class GenerateTask(TaskKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
+        self._weights_version += 1
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
@@ -230,7 +241,7 @@ class GenerateTask(TaskKind):
             save_png(folder / f"{name}.png", traversal_grid(grid), scale=2)
             if name.startswith("cont"):
                 write_gif(folder / f"{name}.gif", grid)
-        samples = self._generate(self.fixed)
+        samples = self._fixed_samples()
         save_png(final_dir / "samples.png", sample_grid(samples, columns=8), scale=2)
         store.write_array("samples/images", samples.cpu().numpy().astype(np.float32))
         for key, value in self.fixed.items():
