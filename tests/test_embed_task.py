@@ -5,21 +5,32 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from holly_hpc.embed.data import (
     EmbedDataset,
     augment,
     fit_to_size,
+    make_collection,
     split_of,
     step_generator,
 )
-from holly_hpc.embed.synthetic import CLASS_NAMES, SyntheticCells, write_tiff_folder
+from holly_hpc.embed.synthetic import (
+    BACKGROUND,
+    CLASS_NAMES,
+    STAGE_NAMES,
+    InfectedRedCells,
+    SyntheticCells,
+    write_tiff_folder,
+)
 from holly_hpc.embed.task import EmbedTask, build_model, reindex_matrices
 from holly_hpc.experiment import freeze
 from holly_hpc.io.images import FolderCollection, ImageFormatError
@@ -78,6 +89,64 @@ def test_synthetic_cells_are_16_bit_two_channel_balanced_and_reproducible():
     assert mask.dtype == bool and 0.05 < mask.mean() < 0.6  # one cell, inside the frame
     with pytest.raises(ValueError, match="2 to 4 classes"):
         SyntheticCells(8, 48, classes=5)
+
+
+def _dna_spots(dna: np.ndarray) -> tuple[int, int, int]:
+    """(bright pixels, separate peaks, connected bright regions) of a DNA channel: what a biologist looks at
+    to stage a parasite."""
+    from scipy import ndimage
+
+    bright = dna > BACKGROUND + 0.35 * (dna.max() - BACKGROUND)
+    smooth = ndimage.gaussian_filter(dna, 1.0)  # peaks of nuclei, not of shot noise
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=5)) & (smooth > BACKGROUND + 0.3 * (smooth.max() - BACKGROUND))
+    return int(bright.sum()), int(peaks.sum()), ndimage.label(ndimage.binary_opening(bright))[1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), item=st.integers(0, 10_000))
+def test_infected_red_cells_differ_in_kind_by_stage(seed, item):
+    """Whatever the seed and item: an uninfected cell has nothing in the DNA channel; a ring is one small
+    spot, a trophozoite one large nucleus, a schizont several smaller ones; the parasite lies inside the
+    cell, and the cell sits near the centre of the frame (flow cytometry)."""
+    cells = InfectedRedCells(10_004, 64, classes=4, seed=seed)
+    stage = item % 4
+    image, mask = cells.render(item)
+    assert cells.labels[item] == STAGE_NAMES[stage] and image.shape == (2, 64, 64) and image.dtype == np.uint16
+    dna = np.asarray(image[1], np.float64)
+    if stage == 0:
+        assert dna.max() < BACKGROUND + 200  # background and noise (sd 20 counts) only
+        return
+    area, peaks, regions = _dna_spots(dna)
+    assert mask[np.unravel_index(dna.argmax(), dna.shape)]
+    if stage == 1:
+        assert area < 80 and peaks == 1, (area, peaks)  # measured on 4,000 cells: 45–61 pixels
+    elif stage == 2:
+        assert area > 280 and regions == 1, (area, regions)  # 294–370 pixels
+    else:
+        assert area < 250 and peaks >= 2, (area, peaks)  # 86–224 pixels, 2–11 peaks
+    ys, xs = np.nonzero(mask)
+    assert abs(ys.mean() - 32) < 8 and abs(xs.mean() - 32) < 8
+
+
+def test_infected_red_cells_are_reproducible_and_name_their_stages():
+    cells = InfectedRedCells(8, 32, classes=3, seed=4)
+    assert cells.labels == ["uninfected", "ring", "trophozoite"] * 2 + ["uninfected", "ring"]
+    np.testing.assert_array_equal(cells.read(7), InfectedRedCells(8, 32, classes=3, seed=4).read(7))
+    with pytest.raises(ValueError, match="infected_rbc has 2 to 4 classes .*schizont"):
+        InfectedRedCells(8, 32, classes=1)
+
+
+def test_the_spec_chooses_the_generated_dataset_by_name(write_spec):
+    path = write_spec(raw="experiment: e\nkind: embed\ndata:\n  synthetic:\n    dataset: malaria\n", name="e.yaml")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "e.yaml:5:14: data.synthetic.dataset" in str(err.value) and "infected_rbc" in str(err.value)
+    data = apply_defaults({"experiment": "e", "kind": "embed",
+                           "data": {"synthetic": {"dataset": "infected_rbc", "count": 6, "classes": 3}}})["data"]
+    collection = make_collection(data, seed=0, base_dir=Path("."))
+    assert isinstance(collection, InfectedRedCells) and collection.labels[:3] == list(STAGE_NAMES[:3])
+    assert isinstance(make_collection(apply_defaults({"experiment": "e", "kind": "embed"})["data"], 0, Path(".")),
+                      SyntheticCells)  # the default dataset
 
 
 def test_fit_to_size_crops_centred_and_pads_around():

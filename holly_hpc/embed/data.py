@@ -23,7 +23,7 @@ import torch
 from ..io import resolve_path
 from ..io.images import ImageCollection, ImageFormatError, open_collection
 from .models import normalise_per_channel
-from .synthetic import SyntheticCells
+from .synthetic import SYNTHETIC_DATASETS
 
 SPLITS = ("train", "val", "test")
 
@@ -33,8 +33,9 @@ def make_collection(data: dict, seed: int, base_dir: Path) -> ImageCollection:
     source = data["source"]
     if source == "synthetic":
         options = data["synthetic"]
-        return SyntheticCells(options["count"], options.get("size") or data["image_size"], options["classes"],
-                              options["seed"] if options.get("seed") is not None else seed)
+        generated = SYNTHETIC_DATASETS[options.get("dataset", "cells")]
+        return generated(options["count"], options.get("size") or data["image_size"], options["classes"],
+                         options["seed"] if options.get("seed") is not None else seed)
     options = dict(data[source])
     if source == "folder":
         options.setdefault("on_bad", data["on_bad_file"])
