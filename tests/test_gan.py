@@ -1,5 +1,5 @@
 """The generate kind (InfoGAN): shapes, code sampling, the information term, Hungarian accuracy, traversals,
-exact resume, `holly-hpc sample`, and a short CPU run where the categorical code learns the classes."""
+exact resume, `holly-hpc sample`, and a short CPU run where the categorical code finds the classes."""
 
 from __future__ import annotations
 
@@ -242,21 +242,26 @@ def test_holly_hpc_sample_draws_from_the_trained_generator(write_spec, tmp_path,
     assert code == 1 and "--overwrite" in stderr
 
 
-def test_the_information_term_reaches_the_code_entropy_in_a_short_cpu_run():
-    """On generated cells of 3 classes, a 3-way categorical code becomes readable from the generated images:
-    the MI bound approaches its maximum H(c) = log 3 within 150 steps (measured: 1.08 of 1.10 nats)."""
+def test_the_categorical_code_finds_the_stages_of_infected_cells_in_a_short_cpu_run():
+    """On generated red cells of 3 distinct stages (uninfected, ring, trophozoite: brightfield + DNA), without
+    labels, in 600 steps on a CPU: the 3-way code becomes readable from the generated images (its MI bound
+    approaches the maximum H(c) = log 3) and Q's argmax clusters the real cells by stage far above chance.
+    A small noise vector (4 dims) leaves the discrete factor to the code. Measured over seeds 0–3 of this
+    setting: clustering accuracy 0.96, 0.76, 0.93, 0.99 (chance 0.33); this seed 0.96."""
     config = apply_defaults({
         "experiment": "g", "seed": 0, "device": "cpu", "kind": "generate",
-        "data": {"source": "synthetic", "image_size": 32, "synthetic": {"count": 300, "classes": 3}, "eval_size": 32},
-        "model": {"noise_dim": 16, "categorical": [3], "continuous": 1, "generator_width": 16,
-                  "discriminator_width": 16},
-        "train": {"steps": 150, "batch_size": 32, "lr": 0.001, "samples": 128},
+        "data": {"source": "synthetic", "image_size": 32, "eval_size": 300, "augment": {"intensity_jitter": 0.0},
+                 "synthetic": {"dataset": "infected_rbc", "count": 900, "classes": 3}},
+        "model": {"noise_dim": 4, "categorical": [3], "continuous": 1, "lambda_categorical": 2.0,
+                  "generator_width": 16, "discriminator_width": 16},
+        "train": {"steps": 600, "batch_size": 32, "lr": 0.001, "lr_discriminator": 0.0002, "samples": 128},
     })
     kind = GenerateTask(config, torch.device("cpu"), base_dir=None)
-    before = kind.evaluate()["mi_cat0"]
-    for step in range(150):
+    before = {**kind.evaluate(), **kind.cluster_accuracy_all()}
+    for step in range(600):
         kind.train_step(step)
-    after = kind.evaluate()
-    assert abs(before) < 0.1
-    assert after["mi_cat0"] > 0.9 * math.log(3), after
-    assert after["mi_cat0_max"] == pytest.approx(math.log(3))
+    after = {**kind.evaluate(), **kind.cluster_accuracy_all()}
+    assert abs(before["mi_cat0"]) < 0.1 and before["cluster_accuracy_all"] < 0.5, before
+    assert after["mi_cat0_max"] == pytest.approx(math.log(3)) and after["mi_cat0"] > 0.95 * math.log(3), after
+    assert after["cluster_chance"] == pytest.approx(1 / 3) and after["cluster_images"] == 900
+    assert after["cluster_accuracy_all"] > 2 * after["cluster_chance"], after

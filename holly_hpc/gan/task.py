@@ -250,10 +250,10 @@ class GenerateTask(TaskKind):
                    final_dir / "generator.pt")
         metrics = self.evaluate()
         if self.codes.categorical and self.dataset.label_names:
-            metrics.update(self._cluster_accuracy_all())
+            metrics.update(self.cluster_accuracy_all())
         return metrics
 
-    def _cluster_accuracy_all(self) -> dict[str, float]:
+    def cluster_accuracy_all(self) -> dict[str, float]:
         """Q's first categorical code as a clustering of every labelled image (up to eval_max_images)."""
         labelled = np.array([i for i in range(len(self.dataset.labels)) if self.dataset.labels[i] is not None])
         limit = self.config["train"]["eval_max_images"]
