@@ -27,6 +27,17 @@ def _get_json(url: str):
         return json.loads(response.read())
 
 
+def _submit_and_wait(tmp_path: Path, name: str, timeout: int) -> Path:
+    """Run `holly-hpc submit jobspecs/<name>.yaml --wait` from a copy of jobspecs/ in tmp_path, as the README
+    shows it; return the experiment's one task folder."""
+    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
+    done = subprocess.run([*holly_hpc_exe(), "submit", f"jobspecs/{name}.yaml", "--wait"], cwd=tmp_path,
+                          env=env_for_subprocess(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (task_dir,) = (tmp_path / "runs" / name).glob("tasks/*")
+    return task_dir
+
+
 @pytest.mark.slow
 def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
     shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
@@ -81,12 +92,8 @@ def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
 @pytest.mark.slow
 def test_reconstruct_cpu_spec_reaches_the_readme_structure_error(tmp_path):
     """jobspecs/reconstruct-torus-cpu.yaml, as the README quotes it: Chamfer/diameter <= 0.05."""
-    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
-    done = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/reconstruct-torus-cpu.yaml", "--wait"], cwd=tmp_path,
-                          env=env_for_subprocess(), capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (metrics_file,) = (tmp_path / "runs" / "reconstruct-torus-cpu").glob("tasks/*/final/metrics.json")
-    metrics = json.loads(metrics_file.read_text())
+    task_dir = _submit_and_wait(tmp_path, "reconstruct-torus-cpu", timeout=1200)
+    metrics = json.loads((task_dir / "final" / "metrics.json").read_text())
     assert metrics["step"] == 4000
     assert metrics["structure_error"] <= 0.05, metrics
     assert metrics["rot_err_median_deg"] < 10, metrics
@@ -95,12 +102,8 @@ def test_reconstruct_cpu_spec_reaches_the_readme_structure_error(tmp_path):
 @pytest.mark.slow
 def test_reconstruct_asymmetric_cpu_spec_reaches_the_readme_figures(tmp_path):
     """jobspecs/reconstruct-asymmetric-cpu.yaml: four pose hypotheses recover an asymmetric structure."""
-    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
-    done = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/reconstruct-asymmetric-cpu.yaml", "--wait"],
-                          cwd=tmp_path, env=env_for_subprocess(), capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (metrics_file,) = (tmp_path / "runs" / "reconstruct-asymmetric-cpu").glob("tasks/*/final/metrics.json")
-    metrics = json.loads(metrics_file.read_text())
+    task_dir = _submit_and_wait(tmp_path, "reconstruct-asymmetric-cpu", timeout=1500)
+    metrics = json.loads((task_dir / "final" / "metrics.json").read_text())
     assert metrics["structure_error"] <= 0.05, metrics
     assert metrics["rot_err_median_deg"] < 30, metrics
 
@@ -111,11 +114,7 @@ def test_embed_vqvae_spec_beats_the_pca_baseline_within_15_minutes(tmp_path):
     and both readouts beat PCA of the raw pixels at their own dimension, as the README quotes."""
     import zarr
 
-    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
-    done = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/embed-vqvae.yaml", "--wait"], cwd=tmp_path,
-                          env=env_for_subprocess(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (task_dir,) = (tmp_path / "runs" / "embed-vqvae").glob("tasks/*")
+    task_dir = _submit_and_wait(tmp_path, "embed-vqvae", timeout=900)
     metrics = json.loads((task_dir / "final" / "metrics.json").read_text())
     assert metrics["step"] == 800
     for prefix, baseline in (("eval", "baseline"), ("features", "features_baseline")):
@@ -138,11 +137,7 @@ def test_infogan_cells_spec_runs_within_15_minutes_and_its_codes_carry_informati
     chance; traversals, GIFs, samples and the generator are written."""
     import zarr
 
-    shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
-    done = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/infogan-cells.yaml", "--wait"], cwd=tmp_path,
-                          env=env_for_subprocess(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (task_dir,) = (tmp_path / "runs" / "infogan-cells").glob("tasks/*")
+    task_dir = _submit_and_wait(tmp_path, "infogan-cells", timeout=900)
     metrics = json.loads((task_dir / "final" / "metrics.json").read_text())
     assert metrics["mi_cat0"] > 0.95 * metrics["mi_cat0_max"], metrics
     assert metrics["diversity_ratio"] > 0.5, metrics  # no collapse
