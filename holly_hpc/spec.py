@@ -10,138 +10,24 @@ import copy
 import difflib
 import functools
 import json
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from . import sweep as sweep_mod
 from .resources import schema_file
+from .spec_values import value_problems
+from .spec_yaml import KeyPath, LoadedYaml, Problem, SpecError, format_path, load_yaml
 
-KeyPath = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
+__all__ = ["KeyPath", "LoadedYaml", "Problem", "Spec", "SpecError", "format_path", "load_spec", "load_yaml"]
 
 # Sections that describe the experiment, not one task: a sweep may not vary them.
 KIND_NAMES = ("pose", "reconstruct", "embed", "generate")  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
 EXPERIMENT_KEYS = ("experiment", "description", "output_root", "sweep", "launch", "registry", "resources", "container")
-
-
-# --------------------------------------------------------------------------------------------- errors
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int | None
-    column: int | None
-    path: KeyPath
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}:{self.column}"
-        key = format_path(self.path)
-        return f"{where}: {key}: {self.message}" if key else f"{where}: {self.message}"
-
-
-class SpecError(Exception):
-    """One or more problems with a spec; str() lists them all, one per line."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
-
-
-def format_path(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-# ------------------------------------------------------------------------------------ YAML with marks
-@dataclass
-class LoadedYaml:
-    file: str
-    text: str
-    data: Any
-    # path -> (line, column) of the value, and of the key for mapping entries (1-based).
-    value_marks: dict = field(default_factory=dict)
-    key_marks: dict = field(default_factory=dict)
-
-    def locate(self, path: KeyPath, prefer_key: bool = False) -> tuple[int | None, int | None]:
-        """The mark of the deepest existing prefix of `path` (a missing key points at its parent)."""
-        marks = self.key_marks if prefer_key else self.value_marks
-        p = tuple(path)
-        while p:
-            if p in marks:
-                return marks[p]
-            if p in self.value_marks:
-                return self.value_marks[p]
-            p = p[:-1]
-        return self.value_marks.get((), (1, 1))
-
-    def problem(self, path: KeyPath, message: str, prefer_key: bool = False) -> Problem:
-        line, col = self.locate(path, prefer_key)
-        return Problem(self.file, line, col, tuple(path), message)
-
-
-class SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats: `lr: 1e-4` is a number, not the string PyYAML 1.1 makes of it."""
-
-
-SpecLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def load_yaml(path: str | Path) -> LoadedYaml:
-    """Parse YAML safely, keeping where each key and value is; duplicate keys are errors."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([Problem(str(path), None, None, (), f"cannot read spec: {exc}")]) from exc
-    loaded = LoadedYaml(str(path), text, None)
-    try:
-        node = yaml.compose(text, Loader=SpecLoader)
-        loaded.data = yaml.load(text, Loader=SpecLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([Problem(str(path), line, col, (), f"invalid YAML: {reason}")]) from exc
-    if node is None:
-        raise SpecError([Problem(str(path), 1, 1, (), "the spec is empty: expected a mapping with at least 'experiment' and 'kind'")])
-    duplicates: list[Problem] = []
-    _record_marks(node, (), loaded, duplicates)
-    if duplicates:
-        raise SpecError(duplicates)
-    return loaded
-
-
-def _record_marks(node: yaml.Node, path: KeyPath, loaded: LoadedYaml, problems: list[Problem]) -> None:
-    loaded.value_marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-            sub = path + (key,)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                problems.append(Problem(loaded.file, line, key_node.start_mark.column + 1, sub,
-                                        f"duplicate key (first set on line {seen[key]})"))
-            seen.setdefault(key, line)
-            loaded.key_marks[sub] = (line, key_node.start_mark.column + 1)
-            _record_marks(value_node, sub, loaded, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _record_marks(item, path + (i,), loaded, problems)
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -152,8 +38,23 @@ def load_schema() -> dict:
     return schema
 
 
+def whole_string_pattern(pattern: str) -> str:
+    """A JSON Schema pattern for Python's re: the schema's `$` is ECMA-262's, which matches only at the very
+    end, but Python's also matches before a trailing newline (`experiment: "name\\n"` would pass)."""
+    return re.sub(r"(?<!\\)\$", r"\\Z", pattern)
+
+
+def _pattern(validator, pattern, instance, schema):
+    if validator.is_type(instance, "string") and not re.search(whole_string_pattern(pattern), instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+SpecValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _pattern})
+
+
+@functools.lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema())
+    return SpecValidator(load_schema())
 
 
 def _resolve(schema: dict, root: dict) -> dict:
@@ -257,7 +158,9 @@ _TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "a bool
 def _describe(value: Any) -> str:
     text = json.dumps(value, default=str)
     text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({text})" if not isinstance(value, (dict, list)) else _TYPE_NAMES[type(value)]
+    if value is None or isinstance(value, (dict, list)):
+        return _TYPE_NAMES[type(value)]
+    return f"{_TYPE_NAMES.get(type(value), type(value).__name__)} ({text})"
 
 
 def suggest(word: str, candidates: list[str]) -> str | None:
@@ -352,35 +255,58 @@ class Spec:
         return {k: v for k, v in full.items() if k not in EXPERIMENT_KEYS}
 
 
+class SweepTargetError(ValueError):
+    """A swept dotted key runs through a value that is not a mapping."""
+
+    def __init__(self, dotted: str, part: str, found: Any):
+        super().__init__(f"cannot set '{dotted}': '{part}' is {_describe(found)}, not a mapping")
+        self.dotted = dotted
+
+
 def set_dotted(config: dict, dotted: str, value: Any) -> None:
     node = config
     parts = dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise TypeError(f"{dotted}: '{part}' is not a mapping")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SweepTargetError(dotted, part, child)
+        node = child
     node[parts[-1]] = copy.deepcopy(value)
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Load, validate and resolve a spec; raises SpecError listing every problem."""
+    """Load, validate and resolve a spec; raises SpecError listing every problem.
+
+    The checks run in layers, each only on what the layer before found sound, so a malformed spec gets a
+    list of problems and never a traceback: values (control characters, non-finite numbers, non-string
+    keys), the schema, the sweep's shape, then launch rules and every sweep-expanded task.
+    """
     loaded = load_yaml(path)
     data = loaded.data
     if not isinstance(data, dict):
         raise SpecError([loaded.problem((), f"expected a mapping at the top level, got {_describe(data)}")])
     problems = schema_problems(loaded, data)
-    sweep_problems = _sweep_problems(loaded, data) if isinstance(data.get("sweep"), dict) else []
+    bad_values = value_problems(loaded)
+    if bad_values or any(p.path[:1] == ("sweep",) for p in problems):
+        # Such values must not reach folder names or the sweep's expansion, nor a sweep its own checks.
+        raise SpecError(_in_file_order(bad_values + problems))
+    sweep_problems = _sweep_problems(loaded, data)
     problems += sweep_problems
     spec = Spec(Path(path), loaded.text, loaded, apply_defaults(data))
     if not problems:
         problems += _launch_problems(spec)
-    if not sweep_problems and data.get("kind") in KIND_NAMES and isinstance(data.get("experiment"), str):
+    swept = [tuple(k.split(".")) for section in ("grid", "zip") for k in ((data.get("sweep") or {}).get(section) or {})]
+    blocked = any(p.path and any(s[:len(p.path)] == p.path for s in swept) for p in problems)
+    if not sweep_problems and not blocked and data.get("kind") in KIND_NAMES and isinstance(data.get("experiment"), str):
         problems += _task_problems(spec)
-    # Report each problem once, in file order.
-    unique = sorted(set(problems), key=lambda p: (p.line or 0, p.column or 0, format_path(p.path), p.message))
-    if unique:
-        raise SpecError(unique)
+    if problems:
+        raise SpecError(_in_file_order(problems))
     return spec
+
+
+def _in_file_order(problems: list[Problem]) -> list[Problem]:
+    """Each problem once, in file order."""
+    return sorted(set(problems), key=lambda p: (p.line or 0, p.column or 0, format_path(p.path), p.message))
 
 
 def _launch_problems(spec: Spec) -> list[Problem]:
@@ -422,10 +348,21 @@ def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
                 problems.append(loaded.problem(where, f"'{dotted}' is not a key of a {data.get('kind')} spec{extra}", prefer_key=True))
     for dotted in set(grid) & set(zipped):
         problems.append(loaded.problem(("sweep", "zip", dotted), f"'{dotted}' is swept in both grid and zip; use one", prefer_key=True))
-    lengths = {k: len(v) for k, v in zipped.items() if isinstance(v, list)}
+    keys = [*grid, *zipped]
+    for dotted in keys:
+        inside = [k for k in keys if dotted.startswith(k + ".")]
+        if inside:
+            section = "grid" if dotted in grid else "zip"
+            problems.append(loaded.problem(("sweep", section, dotted), f"'{dotted}' is inside '{inside[0]}', which is "
+                                           "swept too; sweep one of them", prefer_key=True))
+    lengths = {k: len(v) for k, v in zipped.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
         problems.append(loaded.problem(("sweep", "zip"), f"zip lists must have equal lengths, got {detail}", prefer_key=True))
+    tasks = math.prod(len(v) for v in grid.values()) * (min(lengths.values()) if lengths else 1) * sweep.get("seeds", 1)
+    if tasks > sweep_mod.MAX_TASKS:
+        problems.append(loaded.problem(("sweep",), f"expands to {tasks:,} tasks; at most {sweep_mod.MAX_TASKS:,} per "
+                                       "experiment (split the sweep into several experiments)", prefer_key=True))
     return problems
 
 
@@ -458,7 +395,12 @@ def _task_problems(spec: Spec) -> list[Problem]:
     problems: list[Problem] = []
     for combo in sweep_mod.override_sets(spec.resolved.get("sweep") or {}):
         overrides = {dotted: value for dotted, (value, _) in combo.items()}
-        config = spec.task_config(overrides)
+        try:
+            config = spec.task_config(overrides)
+        except SweepTargetError as exc:
+            (source,) = [src for key, (_, src) in combo.items() if key == exc.dotted]
+            problems.append(loaded.problem(source[:3], str(exc), prefer_key=True))
+            continue
         instance = {**config, "experiment": spec.experiment}
 
         def path_map(path: KeyPath, combo=combo) -> tuple[KeyPath, KeyPath]:
@@ -486,7 +428,11 @@ def _semantic_problems(spec: Spec, config: dict, path_map) -> list[Problem]:
         line, col = spec.loaded.locate(mark)
         problems.append(Problem(spec.loaded.file, line, col, shown,
                                 f"expected at most train.steps ({train['steps']}), got {train['log_every']}"))
-    for path, message in get_kind(config["kind"]).check_config(config, spec.base_dir):
+    try:
+        found = get_kind(config["kind"]).check_config(config, spec.base_dir)
+    except OSError as exc:  # a kind's file check the system refused: still a problem with a place
+        found = [(("data",), f"cannot check the data files: {exc.filename or ''}: {exc.strerror or exc}")]
+    for path, message in found:
         shown, mark = path_map(path)
         line, col = spec.loaded.locate(mark)
         problems.append(Problem(spec.loaded.file, line, col, shown, message))

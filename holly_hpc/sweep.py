@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+MAX_TASKS = 10_000  # per experiment: beyond this, validation alone takes minutes and an array floods the queue
+
 # A combination of sweep values: dotted key -> (value, path of that value in the spec, for errors).
 Combination = dict[str, tuple[Any, tuple]]
 

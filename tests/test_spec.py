@@ -80,7 +80,7 @@ def test_duplicate_keys_are_errors(write_spec):
 def test_yaml_syntax_error_has_position(write_spec):
     path = write_spec(raw="experiment: a\nkind: pose\ndata: [1,\n")
     (line,) = problems_of(path)
-    assert line.startswith(f"{path}:4:1: invalid YAML:")
+    assert line.startswith(f"{path}:4:1: data[1]: invalid YAML:")  # where the parser was, as a key path
 
 
 def test_yaml_is_loaded_safely(write_spec):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import resolve_path
+from ..io import missing, resolve_path
 from ..io.images import ImageCollection, ImageFormatError, open_collection
 from .models import normalise_per_channel
 from .synthetic import SYNTHETIC_DATASETS
@@ -53,15 +53,16 @@ def data_problems(data: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         if "path" not in data.get(source, {}):
             problems.append((("data", source), f"data.source is {source}: expected data.{source}.path"))
         else:
-            path = resolve_path(data[source]["path"], base_dir)
-            if not path.exists():
-                problems.append((("data", source, "path"), f"{path} does not exist"))
+            problem = missing(resolve_path(data[source]["path"], base_dir), f"an existing {source} of images")
+            if problem:
+                problems.append((("data", source, "path"), problem))
     labels = data.get("folder", {}).get("labels", "none")
     if source == "folder" and labels not in ("none", "folders"):
         csv = resolve_path(labels, base_dir)
-        if not csv.is_file():
-            problems.append((("data", "folder", "labels"),
-                             f"expected none, folders or a CSV file, but {csv} does not exist"))
+        problem = missing(csv, "none, folders or a CSV file")
+        if problem or not csv.is_file():
+            problems.append((("data", "folder", "labels"), problem or f"expected none, folders or a CSV file, but {csv} "
+                                                                      "is not a file"))
     if data["normalise"]["low"] >= data["normalise"]["high"]:
         problems.append((("data", "normalise"), "low must be below high"))
     if data["split"]["val"] + data["split"]["test"] >= 1:

@@ -7,3 +7,15 @@ def resolve_path(path: str | Path, base_dir: Path) -> Path:
     """A path from a spec: `~` expanded, relative paths taken from base_dir (the spec's folder)."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else Path(base_dir) / path
+
+
+def missing(path: Path, expected: str) -> str | None:
+    """None if `path` exists, else a spec problem saying what was `expected`: the path does not exist, or
+    the system refuses to look (a name longer than the file system allows, a folder without permission)."""
+    try:
+        if path.exists():
+            return None
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        return f"expected {expected}, but {shown} cannot be checked: {exc.strerror or exc}"
+    return f"expected {expected}, but {path} does not exist"

@@ -32,7 +32,12 @@ def read_obj_vertices(path: str | Path) -> np.ndarray:
         vertices.append(xyz)
     if not vertices:
         raise MeshFormatError(f"{path}: no vertices ('v x y z' lines) found")
-    return np.asarray(vertices, dtype=np.float64)
+    points = np.asarray(vertices, dtype=np.float64)
+    if np.ptp(points, axis=0).max() == 0:  # a structure is scaled by its extent: a single point has none
+        where = ", ".join(f"{v:g}" for v in points[0])
+        raise MeshFormatError(f"{path}: expected a point cloud with an extent, but all {len(points)} vertices "
+                              f"lie at ({where})")
+    return points
 
 
 def write_obj(path: str | Path, points: np.ndarray) -> None:

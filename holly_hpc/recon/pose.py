@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..io import missing
 from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
@@ -40,8 +41,9 @@ class PoseTask(TaskKind):
         if structure in BUILTIN_SYMMETRY:
             return []
         path = Path(structure) if Path(structure).is_absolute() else base_dir / structure
-        if not path.exists():
-            return [(("data", "structure"), f"expected a built-in shape ({', '.join(BUILTIN_SYMMETRY)}) or an existing OBJ file, but {path} does not exist")]
+        problem = missing(path, f"a built-in shape ({', '.join(BUILTIN_SYMMETRY)}) or an existing OBJ file")
+        if problem:
+            return [(("data", "structure"), problem)]
         try:
             read_obj_vertices(path)
         except MeshFormatError as exc:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io import missing
 from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
@@ -41,8 +42,19 @@ def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> t
 
 
 def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
-    path = Path(value) if Path(value).is_absolute() else base_dir / value
-    return [] if path.exists() else [(config_path, f"expected an existing {what}, but {path} does not exist")]
+    problem = missing(Path(value) if Path(value).is_absolute() else base_dir / value, f"an existing {what}")
+    return [(config_path, problem)] if problem else []
+
+
+def _check_obj(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
+    """An OBJ file the spec names: it exists and holds a point cloud with an extent."""
+    found = _check_path(config_path, value, base_dir, what)
+    if not found:
+        try:
+            read_obj_vertices(Path(value) if Path(value).is_absolute() else base_dir / value)
+        except MeshFormatError as exc:
+            found = [(config_path, str(exc))]
+    return found
 
 
 class ReconstructModel(nn.Module):
@@ -77,14 +89,8 @@ class ReconstructTask(TaskKind):
         if source == "simulate":
             structure = data["simulate"]["structure"]
             if structure not in BUILTIN_SHAPES:
-                found = _check_path(("data", "simulate", "structure"), structure, base_dir,
-                                    f"OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})")
-                problems += found
-                if not found:
-                    try:
-                        read_obj_vertices(base_dir / structure)
-                    except MeshFormatError as exc:
-                        problems.append((("data", "simulate", "structure"), str(exc)))
+                problems += _check_obj(("data", "simulate", "structure"), structure, base_dir,
+                                       f"OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})")
         elif source == "fits":
             fits = data["fits"]
             if bool(fits.get("folder")) == bool(fits.get("folders")):
@@ -100,7 +106,7 @@ class ReconstructTask(TaskKind):
             else:
                 problems += _check_path(("data", "localisations", "path"), path, base_dir, "localisation table")
         if model["init"] not in ("cube", "gaussian"):
-            problems += _check_path(("model", "init"), model["init"], base_dir, "OBJ file, 'cube' or 'gaussian'")
+            problems += _check_obj(("model", "init"), model["init"], base_dir, "OBJ file, 'cube' or 'gaussian'")
         return problems
 
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
