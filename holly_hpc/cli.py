@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from .experiment import PLAN, Experiment, ExperimentMismatch
+from .experiment import PLAN, Experiment, ExperimentMismatch, restore_registry
 from .registry import STATES, open_registry, redact, resolve_url, runtime_url
 from .spec import SpecError, load_spec
 from .sweep import expand
 
 DEFAULT_OUTPUT_ROOT = "runs"
+EXIT_FAILED = 1      # a task failed, or an error (one line on stderr)
+EXIT_CANCELLED = 3   # `submit --wait`: every task ended, some were cancelled, none failed
 
 
 def _table(headers: list[str], rows: list[list], out=None) -> None:
@@ -76,27 +80,40 @@ def cmd_submit(args) -> int:
         return 1
     exp = sub.experiment
     cluster = exp.launch["cluster"]
+    succeeded = [i for i, why in sub.skipped.items() if why == "succeeded"]
     print(f"experiment {exp.name}: {len(exp.plan['tasks'])} task(s), {len(sub.launched)} launched ({cluster}), "
-          f"{len(sub.skipped)} already succeeded")
+          f"{len(succeeded)} already succeeded")
+    for index, why in sorted(sub.skipped.items()):
+        if why != "succeeded":
+            print(f"task {index} not launched again: {why}")
     if sub.launched:
         print("jobs: " + ", ".join(f"task {t.task_index} -> {t.job_id}" for t in sub.launched))
-    ok = True
     if args.wait and cluster != "debug" and sub.launched:
         try:
-            ok = wait(sub)
+            wait(sub)
         except KeyboardInterrupt:
             print(f"\nstopped watching; the tasks go on: holly-hpc status {exp.root}")
             return 130
+    code = 0
     if args.wait or cluster == "debug":
         runs = sub.registry.runs(exp.name)
-        ok = ok and all(r.state == "succeeded" for r in runs)
         _status_table(runs)
-        print(f"finished in {_duration(time.time() - started)}")
+        states = [r.state for r in runs]
+        elapsed = _duration(time.time() - started)
+        if "failed" in states or any(s in ("pending", "running") for s in states):
+            print(f"ended in {elapsed} with {len(states) - states.count('succeeded')} task(s) not succeeded")
+            code = EXIT_FAILED
+        elif "cancelled" in states:
+            print(f"cancelled after {elapsed}: {states.count('cancelled')} task(s) cancelled, "
+                  f"{states.count('succeeded')} succeeded")
+            code = EXIT_CANCELLED
+        else:
+            print(f"finished in {elapsed}")
     print(f"outputs:     {exp.root}")
     print(f"registry:    {exp.registry_url}")
     print(f"status:      holly-hpc status {exp.root}")
     print(f"tensorboard: tensorboard --logdir {exp.root / 'tasks'}")
-    return 0 if ok else 1
+    return code
 
 
 def _registry_for(args, target: str | None):
@@ -164,12 +181,21 @@ def _slurm_states(runs, on_slurm: set[str]) -> dict[str, str] | None:
 
 
 def cmd_status(args) -> int:
+    from .launch.liveness import reap_lost
+
     registry, name = _registry_for(args, args.experiment)
     _check_registry(registry)
     runs = registry.runs(name)
     if name and not runs:
         print(f"no runs of experiment '{name}' in {registry.url}", file=sys.stderr)
         return 1
+    lost = {(e, i) for e in {r.experiment for r in runs}
+            for i in reap_lost(registry, e, [r for r in runs if r.experiment == e])}
+    if lost:  # processes of this machine that died without a word (SIGKILL, out of memory)
+        runs = registry.runs(name)
+        for experiment, index in sorted(lost):
+            print(f"note: task {index} of {experiment} was running but its process is gone: marked failed (lost)",
+                  file=sys.stderr)
     on_slurm = {e.name for e in registry.experiments()
                 if (Path(e.experiment_dir) / PLAN).exists() and Experiment.load(e.experiment_dir).launch["cluster"] == "slurm"}
     _status_table(runs, _slurm_states(runs, on_slurm))
@@ -177,8 +203,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    """Cancel exactly the experiment's unfinished tasks (or one of them): scancel on SLURM, SIGINT to the
-    local process group otherwise; the registry marks them cancelled."""
+    """Cancel exactly the experiment's unfinished tasks (or one of them): the launcher stops their processes
+    (scancel on SLURM; SIGTERM to the local process, which checkpoints at its next step boundary) and waits
+    until they have ended; only then does the registry mark them cancelled."""
+    from .launch.executors import get_launcher
+
     exp = _experiment_from(args, args.experiment)
     registry = open_registry(runtime_url(exp.registry_url))
     runs = [r for r in registry.runs(exp.name) if args.task is None or r.task_index == args.task]
@@ -186,44 +215,42 @@ def cmd_cancel(args) -> int:
         print(f"error: experiment {exp.name} has no task {args.task}", file=sys.stderr)
         return 1
     targets = [r for r in runs if r.state in ("pending", "running")]
-    on_slurm = exp.launch["cluster"] == "slurm"
-    slurm_ids = [r.job_id for r in targets if r.job_id] if on_slurm else []
-    if slurm_ids:
-        from .launch.slurm import cancel
-
-        cancel(slurm_ids)
-    for r in targets:
-        if not on_slurm and r.job_id and r.job_id.isdigit():
-            _interrupt_local_job(int(r.job_id))
-        registry.set_state(exp.name, r.task_index, "cancelled", "holly-hpc cancel")
-    print(f"cancelled {len(targets)} task(s) of {exp.name}" + (f": jobs {', '.join(slurm_ids)}" if slurm_ids else ""))
-    return 0
-
-
-def _interrupt_local_job(controller_pid: int) -> None:
-    """SIGINT to a local job's process group: the controller leads its own session (launch/executors.py),
-    so the group holds exactly that task's controller and process. Only a process that is still a
-    submitit local controller is signalled (a reused pid is left alone)."""
-    import signal
-
-    try:
-        cmdline = Path(f"/proc/{controller_pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return  # already gone
-    if b"submitit.local._local" in cmdline:
-        os.killpg(controller_pid, signal.SIGINT)
+    stopped = get_launcher(exp.launch["cluster"]).cancel(exp, registry, targets, args.grace)
+    now = {r.task_index: r.state for r in registry.runs(exp.name)}
+    for s in stopped:
+        if s.ended and now.get(s.task_index) in ("pending", "running", "cancelled"):
+            registry.set_state(exp.name, s.task_index, "cancelled", f"holly-hpc cancel: {s.detail}")
+        state = now.get(s.task_index) if now.get(s.task_index) == "succeeded" else ("cancelled" if s.ended else "NOT stopped")
+        print(f"task {s.task_index}: {state}: {s.detail}")
+    unverified = [s for s in stopped if not s.ended]
+    done = len(stopped) - len(unverified)
+    print(f"cancelled {done} task(s) of {exp.name}" + (f"; {len(unverified)} could not be verified to end"
+                                                       if unverified else ""))
+    return 1 if unverified else 0
 
 
 def cmd_sbatch(args) -> int:
-    from .launch.sbatch import write_scripts
-    from .launch.submit import prepare
+    from .launch.sbatch import render_scripts, write_scripts
+    from .launch.submit import check_writable, prepare
 
-    sub, to_run = prepare(args.spec, cluster="slurm", output_root=args.output_root)
-    all_tasks = [t.index for t in sub.experiment.tasks]
-    max_array = args.max_array_size or _cluster_max_array_size()
-    output = Path(args.output or f"{sub.experiment.name}.sbatch")
-    paths = write_scripts(sub.experiment, all_tasks, output, max_array)
-    print(f"experiment {sub.experiment.name}: {len(all_tasks)} task(s), {len(all_tasks) - len(to_run)} already succeeded")
+    output = Path(args.output) if args.output else None
+    scripts: list = []
+
+    def render(experiment) -> None:  # before anything is frozen: a script that cannot be written stops it all
+        max_array = args.max_array_size or _cluster_max_array_size()
+        target = output or Path(f"{experiment.name}.sbatch")
+        check_writable(target.resolve().parent)
+        scripts.extend(render_scripts(experiment, [t.index for t in experiment.tasks], target, max_array))
+        if shutil.which("sbatch"):
+            from .launch.slurm import test_only
+
+            test_only(scripts[0][1])
+
+    sub, _ = prepare(args.spec, cluster="slurm", output_root=args.output_root, check=render, launcher_check=False)
+    paths = write_scripts(scripts, sub.experiment)
+    total = len(sub.experiment.tasks)
+    print(f"experiment {sub.experiment.name}: {total} task(s), "
+          f"{sum(why == 'succeeded' for why in sub.skipped.values())} already succeeded")
     for path in paths:
         print(f"wrote {path}: submit it with  sbatch {path}")
     return 0
@@ -357,10 +384,14 @@ def cmd_registry(args) -> int:
         exp = _experiment_from(args, args.target)
         registry = open_registry(runtime_url(exp.registry_url))
         spools = sorted((exp.root / "tasks").glob(f"*/{SPOOL_FILE}"))
-        left = [p for p in spools if not replay_spool(registry, p)]
-        print(f"replayed {len(spools) - len(left)} of {len(spools)} spool file(s) into {registry.url}")
-        for p in left:
-            print(f"still waiting (registry unreachable?): {p}", file=sys.stderr)
+        restore = functools.partial(restore_registry, registry, exp)
+        results = [(p, replay_spool(registry, p, restore)) for p in spools]
+        sent, total = sum(r.sent for _, r in results), sum(r.total for _, r in results)
+        left = [(p, r) for p, r in results if not r.done]
+        restored = " (the experiment's rows were missing: written again from its folder)" if any(r.restored for _, r in results) else ""
+        print(f"replayed {sent} of {total} spooled write(s) from {len(spools)} spool file(s) into {registry.url}{restored}")
+        for p, r in left:
+            print(f"kept {p}: {r.total - r.sent} write(s) not written: {redact(r.error or '?')}", file=sys.stderr)
         return 1 if left else 0
     url = args.target or os.environ.get("HOLLY_REGISTRY_URL") or resolve_url(None, Path(args.output_root or DEFAULT_OUTPUT_ROOT))
     registry = open_registry(url)
@@ -556,9 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     _lookup_options(p)
     p.set_defaults(func=cmd_registry)
 
-    p = sub.add_parser("cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM)")
+    p = sub.add_parser("cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM) and wait until they end")
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
     p.add_argument("--task", type=int, help="only this task index")
+    p.add_argument("--grace", type=float, default=60.0,
+                   help="seconds a task may take to checkpoint and stop before it is killed (default 60)")
     _lookup_options(p)
     p.set_defaults(func=cmd_cancel)
 
@@ -611,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launch.slurm import SlurmError
+    from .registry import MissingRows
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -618,7 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(exc.problems)} problem(s) in the spec:", file=sys.stderr)
         print(str(exc), file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as exc:
+    except OSError as exc:  # one line naming the path and the cause: a read-only mount, no permission, disk full
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {redact(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 1
+    except (ValueError, ConnectionError, ExperimentMismatch, SlurmError, MissingRows) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
 

@@ -26,6 +26,26 @@ class ExperimentMismatch(Exception):
     """The spec expands to different tasks than the ones already frozen under that experiment name."""
 
 
+class UnsafePath(ValueError):
+    """An output path that would land outside its root: an absolute part, '..', or a symbolic link."""
+
+
+def inside(root: Path, rel: str | Path) -> Path:
+    """root / rel, refused unless it stays inside root: `rel` is relative, has no '..', and no part of it
+    that exists is a symbolic link (someone who can write to a shared output root could otherwise point
+    an experiment, a task folder or its checkpoints at any folder the submitting user may write)."""
+    rel = Path(rel)
+    if rel.is_absolute() or not rel.parts or any(part in ("..", ".") for part in rel.parts):
+        raise UnsafePath(f"{rel}: expected a relative path inside {root}, without '..'")
+    path = Path(root)
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            raise UnsafePath(f"{path} is a symbolic link (to {os.readlink(path)}): refused, outputs stay inside "
+                             f"{root} (move the folder there instead, or set output_root to where it points)")
+    return path
+
+
 @dataclass
 class Experiment:
     root: Path
@@ -43,7 +63,11 @@ class Experiment:
         return Task.from_json(self.plan["tasks"][index])
 
     def task_dir(self, index: int) -> Path:
-        return self.root / self.plan["tasks"][index]["rel_dir"]
+        return inside(self.root, self.plan["tasks"][index]["rel_dir"])
+
+    def folder(self, name: str) -> Path:
+        """A folder of the experiment's own (submitit, slurm-logs, .slots), inside its root."""
+        return inside(self.root, name)
 
     @property
     def registry_url(self) -> str:
@@ -67,7 +91,7 @@ class Experiment:
 
     @property
     def submitit_dir(self) -> Path:
-        return self.root / "submitit"
+        return self.folder("submitit")
 
     @classmethod
     def load(cls, root: str | Path) -> "Experiment":
@@ -109,15 +133,20 @@ def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) ->
     }
 
 
-def freeze(spec, tasks: list[Task], output_root: Path, registry_url: str) -> Experiment:
-    """Write spec.yaml and plan.json under <output_root>/<experiment>/ (atomically).
+def experiment_root(output_root: Path, name: str) -> Path:
+    """<output_root>/<name>, resolved, refused if it is (or runs through) a symbolic link."""
+    return inside(Path(output_root).resolve(), name)
 
-    An experiment already frozen there must expand to the same tasks (same indices and config hashes):
-    otherwise its finished tasks would be silently mixed with different ones.
+
+def planned(spec, tasks: list[Task], output_root: Path, registry_url: str) -> Experiment:
+    """The experiment as it will be frozen, in memory only: nothing is written, so everything that can
+    fail is checked on it first. An experiment already frozen there must expand to the same tasks (same
+    indices and config hashes): otherwise its finished tasks would be silently mixed with different ones.
     """
-    root = (output_root / spec.experiment).resolve()
+    root = experiment_root(output_root, spec.experiment)
     plan = build_plan(spec, tasks, output_root, registry_url)
     existing = root / PLAN
+    plan["created"] = time.time()
     if existing.exists():
         old = json.loads(existing.read_text(encoding="utf-8"))
         old_ids = [t["task_id"] for t in old["tasks"]]
@@ -130,13 +159,44 @@ def freeze(spec, tasks: list[Task], output_root: Path, registry_url: str) -> Exp
                 f"({len(old_ids)} frozen, {len(new_ids)} now; task(s) {', '.join(map(str, changed[:10]))} differ). "
                 f"Give the changed spec a new 'experiment' name, or move the old folder away."
             )
-        plan["created"] = old.get("created", time.time())
-    else:
-        plan["created"] = time.time()
-    root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(root / FROZEN_SPEC, spec.text)
-    _write_atomic(root / PLAN, json.dumps(plan, indent=2, sort_keys=True) + "\n")
-    return Experiment(root, plan)
+        plan["created"] = old.get("created", plan["created"])
+    experiment = Experiment(root, plan)
+    for index in range(len(tasks)):
+        experiment.task_dir(index)  # refuses a task folder that is a symbolic link
+    return experiment
+
+
+def write_frozen(experiment: Experiment, spec_text: str) -> Experiment:
+    """Write spec.yaml and plan.json under the experiment's root (atomically)."""
+    experiment.root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(experiment.root / FROZEN_SPEC, spec_text)
+    _write_atomic(experiment.root / PLAN, json.dumps(experiment.plan, indent=2, sort_keys=True) + "\n")
+    return experiment
+
+
+def freeze(spec, tasks: list[Task], output_root: Path, registry_url: str) -> Experiment:
+    """planned() then write_frozen(): for callers with nothing else to check in between."""
+    return write_frozen(planned(spec, tasks, output_root, registry_url), spec.text)
+
+
+def register(registry, experiment: Experiment) -> None:
+    """The experiment and its runs in the registry, from the frozen folder alone (idempotent: submit does it,
+    and a task does it again when it finds its rows gone, e.g. a deleted SQLite file or a new database)."""
+    from .provenance import provenance
+
+    text = (experiment.root / FROZEN_SPEC).read_text(encoding="utf-8")
+    registry.upsert_experiment(experiment.name, text, spec_hash(text), str(experiment.root), provenance(experiment))
+    registry.upsert_runs(experiment.name, [
+        {"task_index": t.index, "task_id": t.task_id, "config": json.dumps(t.config, sort_keys=True),
+         "config_hash": t.config_hash, "seed": t.seed, "out_dir": str(experiment.root / t.rel_dir)}
+        for t in experiment.tasks
+    ])
+
+
+def restore_registry(registry, experiment: Experiment) -> None:
+    """Schema, experiment and run rows again, for a registry that lost them while tasks ran."""
+    registry.init()
+    register(registry, experiment)
 
 
 def _write_atomic(path: Path, text: str) -> None:

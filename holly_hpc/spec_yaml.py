@@ -93,7 +93,7 @@ class SpecLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+        except Exception as exc:  # noqa: BLE001 - PyYAML's constructors fail in many ways on values they cannot hold
             reason = "more than 4300 digits" if "integer string conversion" in str(exc) else str(exc)
             raise yaml.constructor.ConstructorError(None, None, f"cannot read this {node.tag} value: {reason}",
                                                     node.start_mark) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -65,7 +66,9 @@ def test_postgres_stopped_mid_run_loses_no_metric(write_spec, tmp_path, fresh_po
     sync = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "holly-hpc"), "registry", "sync", str(exp.root)],
                           capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert sync.returncode == 0, sync.stderr
-    assert "replayed 1 of 1 spool file(s)" in sync.stdout
+    spooled = re.search(r"replayed (\d+) of (\d+) spooled write\(s\) from 1 spool file\(s\)", sync.stdout)
+    assert spooled and spooled.group(1) == spooled.group(2) and int(spooled.group(1)) > 0, sync.stdout
+    assert not (exp.task_dir(0) / SPOOL_FILE).exists()
     steps = sorted({s for s, _, _ in reg.metrics(exp.name, 0)})
     assert steps == list(range(5, 301, 5))  # every logged step, before, during and after the outage
     (run,) = reg.runs(exp.name)
@@ -166,4 +169,4 @@ def test_runs_show_list_and_registry_commands(write_spec, tmp_path, registry_url
     code, out, _ = cli("registry", "migrate", registry_url)
     assert code == 0 and "(up to date)" in out
     code, out, _ = cli("registry", "sync", exp.root)
-    assert code == 0 and "replayed 0 of 0 spool file(s)" in out
+    assert code == 0 and "replayed 0 of 0 spooled write(s) from 0 spool file(s)" in out

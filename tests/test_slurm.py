@@ -142,6 +142,37 @@ def test_cancel_cancels_exactly_the_experiments_jobs(slurm, write_spec, tmp_path
     assert states == "CANCELLED"
 
 
+def test_resources_the_cluster_refuses_are_refused_before_anything_is_frozen(slurm, write_spec, tmp_path):
+    path = write_spec({**SLURM_SPEC, "resources": {"time": 10, "partition": "no-such-partition"}})
+    for command in (["submit", path], ["sbatch", path, "-o", tmp_path / "job.sbatch"]):
+        done = _sh(*command)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "the cluster refuses these resources (sbatch --test-only)" in done.stderr
+        assert "invalid partition" in done.stderr.lower()
+        assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "job.sbatch").exists()
+
+
+def test_scancel_stops_the_task_at_a_step_with_a_checkpoint_and_no_requeue(slurm, write_spec, tmp_path):
+    """SIGTERM (scancel, preemption) checkpoints at the next step boundary like SIGUSR2, but does not requeue."""
+    path = write_spec({**SLURM_SPEC, "train": {"steps": 100000, "log_every": 10, "checkpoint_every": 100000},
+                       "registry": {"flush_seconds": 0}})
+    assert _sh("submit", path).returncode == 0
+    root = tmp_path / "runs" / "tiny"
+    run = _wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 20 and r, poll=0.5,
+                    what="training to be under way")
+    subprocess.run(["scancel", run.job_id], check=True)
+    exp = Experiment.load(root)
+    reg = open_registry(exp.registry_url)
+    attempt = _wait_for(lambda: (a := reg.attempts(exp.name, 0)[-1])["ended"] and a, what="the attempt to end")
+    assert attempt["exit_reason"] == "cancelled", attempt
+    step = int(attempt["error"].split("stopped after step ")[1].split()[0])
+    assert attempt["error"].startswith(f"stopped after step {step} on SIGTERM")
+    assert latest_checkpoint(exp.task_dir(0) / "checkpoints").name == f"step_{step:08d}.pt"  # only the stop's
+    assert _wait_for(lambda: _slurm_state(run.job_id) == "CANCELLED", what="sacct CANCELLED")
+    time.sleep(5)
+    assert len(reg.attempts(exp.name, 0)) == 1 and _runs(root)[0].state == "cancelled"  # not requeued
+
+
 def _slurm_state(job_id: str) -> str:
     from holly_hpc.launch.slurm import job_states
 

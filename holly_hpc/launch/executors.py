@@ -11,7 +11,9 @@ import functools
 import math
 import os
 import shlex
+import signal
 import sys
+import time
 import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from typing import Any
 import submitit
 
 from ..experiment import Experiment
+from ..runtime.processes import stop_process, this_host
 from ..runtime.task import TaskRunner
+from .liveness import attempt_alive, is_submitit_controller, open_attempt
 
 
 @dataclass
@@ -30,12 +34,63 @@ class LaunchedTask:
     job: Any  # the submitit Job, for waiting on it in this process
 
 
+@dataclass
+class Stopped:
+    task_index: int
+    ended: bool    # verified: nothing of the task runs any more
+    detail: str    # what was done and seen, for the user
+
+
 class Launcher(ABC):
+    """One cluster type: submits (launch), checks before anything is frozen (check), and owns what only it can
+    know about its jobs: which are still alive (active) and how to stop them (cancel)."""
+
     name: str
+
+    def check(self, experiment: Experiment) -> None:
+        """Raise (with a message naming what is wrong) if launching would fail; writes nothing."""
 
     @abstractmethod
     def launch(self, experiment: Experiment, indices: list[int]) -> list[LaunchedTask]:
         """Submit the tasks `indices` as one array and return without waiting for them."""
+
+    def active(self, experiment: Experiment, registry, runs) -> dict[int, str]:
+        """Tasks whose job is still queued or running (index -> what), so a resubmission leaves them be.
+        Here: a running task whose process, on this machine, is alive."""
+        found = {}
+        for run in runs:
+            if run.state == "running":
+                attempt = open_attempt(registry, experiment.name, run.task_index)
+                if attempt_alive(attempt) is not False:  # alive, or on another machine: do not start it twice
+                    found[run.task_index] = f"running (job {run.job_id}, pid {attempt['pid'] if attempt else '?'})"
+        return found
+
+    def cancel(self, experiment: Experiment, registry, runs, grace_s: float) -> list[Stopped]:
+        """Stop the processes of these unfinished tasks and verify they ended: SIGTERM (the task checkpoints
+        at its next step boundary and exits), SIGKILL after `grace_s`."""
+        return [self._stop_local(experiment, registry, run, grace_s) for run in runs]
+
+    def _stop_local(self, experiment, registry, run, grace_s: float) -> Stopped:
+        attempt = open_attempt(registry, experiment.name, run.task_index)
+        if attempt_alive(attempt):
+            outcome = stop_process(int(attempt["pid"]), attempt["proc_start"], grace_s)
+            words = {"ended": "stopped at a step boundary after SIGTERM", "gone": "had already ended",
+                     "killed": f"did not stop within {grace_s:g} s: killed", "unknown": "could not be verified to end"}
+            return Stopped(run.task_index, outcome != "unknown", f"process {attempt['pid']} {words[outcome]}")
+        if attempt is not None and attempt_alive(attempt) is None:
+            where = "could not be checked" if attempt["host"] == this_host() else f"runs on {attempt['host']}, not here"
+            return Stopped(run.task_index, False, f"process {attempt['pid']} {where}: stop it there")
+        controller = int(run.job_id) if run.job_id and run.job_id.isdigit() else None
+        if controller and is_submitit_controller(controller):  # queued locally: waiting for a slot
+            os.kill(controller, signal.SIGTERM)  # forwarded to its task, which leaves the slot queue
+            deadline = time.monotonic() + grace_s
+            while is_submitit_controller(controller) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if is_submitit_controller(controller):
+                os.killpg(controller, signal.SIGKILL)
+                return Stopped(run.task_index, True, f"queued job {controller} killed after {grace_s:g} s")
+            return Stopped(run.task_index, True, f"queued job {controller} stopped before it started")
+        return Stopped(run.task_index, True, "no process was running it")
 
 
 class LocalLauncher(Launcher):
@@ -61,12 +116,15 @@ class LocalLauncher(Launcher):
 def _controllers_in_own_session():
     """submitit starts each local controller with a plain Popen, inside the terminal's process group, so a
     Ctrl-C meant to stop `holly-hpc submit --wait` from watching would also kill every task. Start the
-    controllers in their own session instead: the tasks run on until they end (or are cancelled)."""
+    controllers in their own session instead: the tasks run on until they end (or are cancelled). They
+    also get no terminal streams (their tasks log to files): otherwise `holly-hpc submit ... | tee x`
+    would wait for the last task, since the controllers would hold the pipe open."""
     from submitit.local import local as local_module
 
     real = local_module.subprocess
     shim = types.SimpleNamespace(**vars(real))
-    shim.Popen = functools.partial(real.Popen, start_new_session=True)
+    shim.Popen = functools.partial(real.Popen, start_new_session=True, stdin=real.DEVNULL, stdout=real.DEVNULL,
+                                   stderr=real.DEVNULL)
     local_module.subprocess = shim
     try:
         yield
@@ -116,9 +174,11 @@ class SlurmLauncher(Launcher):
     `container`, every task's Python runs inside the Apptainer image."""
 
     name = "slurm"
+    ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
+             "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED")
 
-    def launch(self, experiment, indices):
-        from .slurm import chunks, max_array_size, sbatch_parameters
+    def _executor(self, experiment) -> submitit.SlurmExecutor:
+        from .slurm import refuse_unsafe, sbatch_parameters
 
         resources = experiment.resources
         python = shlex.quote(sys.executable)
@@ -126,14 +186,66 @@ class SlurmLauncher(Launcher):
             from .apptainer import container_python
 
             python = container_python(experiment.container, gpus=resources["gpus_per_node"] > 0)
+        parameters = {"job_name": f"holly-{experiment.name}",
+                      **sbatch_parameters(resources, experiment.launch["array_parallelism"])}
+        # submitit writes every parameter into an #SBATCH line as it is, and the folder and the python command
+        # into the script: none may break out of its line.
+        refuse_unsafe(parameters, str(experiment.submitit_dir), python)
         executor = submitit.SlurmExecutor(folder=experiment.submitit_dir, python=python)
-        executor.update_parameters(job_name=f"holly-{experiment.name}",
-                                   **sbatch_parameters(resources, experiment.launch["array_parallelism"]))
+        executor.update_parameters(**parameters)
+        return executor
+
+    def check(self, experiment):
+        from .sbatch import render_scripts
+        from .slurm import max_array_size, test_only
+
+        self._executor(experiment)
+        first = list(range(min(len(experiment.plan["tasks"]), max_array_size())))
+        ((_, script),) = render_scripts(experiment, first, experiment.root / "check.sbatch", len(first))
+        test_only(script)
+
+    def launch(self, experiment, indices):
+        from .slurm import chunks, max_array_size
+
+        executor = self._executor(experiment)
         launched = []
         for part in chunks(indices, max_array_size()):
             jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in part])
             launched += [LaunchedTask(i, str(job.job_id), job) for i, job in zip(part, jobs)]
         return launched
+
+    def _states(self, runs) -> dict[str, str]:
+        from .slurm import job_states
+
+        return job_states([r.job_id for r in runs if r.job_id])
+
+    def active(self, experiment, registry, runs):
+        from .slurm import SlurmError
+
+        unfinished = [r for r in runs if r.state in ("pending", "running") and r.job_id]
+        try:
+            states = self._states(unfinished) if unfinished else {}
+        except (SlurmError, OSError) as exc:  # e.g. `holly-hpc sbatch` away from the cluster: task locks decide
+            print(f"note: cannot ask SLURM which tasks still run ({exc})", file=sys.stderr)
+            return {}
+        return {r.task_index: f"{states[r.job_id].lower()} (job {r.job_id})" for r in unfinished
+                if states.get(r.job_id) in self.ALIVE}
+
+    def cancel(self, experiment, registry, runs, grace_s):
+        """scancel, then wait until SLURM reports every job ended (SIGTERM reaches the task, which checkpoints)."""
+        from .slurm import cancel
+
+        with_job = [r for r in runs if r.job_id]
+        if with_job:
+            cancel([r.job_id for r in with_job])
+        deadline = time.monotonic() + grace_s
+        states = self._states(with_job) if with_job else {}
+        while any(s in self.ALIVE for s in states.values()) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            states = self._states(with_job)
+        return [Stopped(r.task_index, states.get(r.job_id) not in self.ALIVE,
+                        f"job {r.job_id}: {states.get(r.job_id, 'UNKNOWN')}") if r.job_id
+                else Stopped(r.task_index, True, "never submitted") for r in runs]
 
 
 LAUNCHERS: dict[str, type[Launcher]] = {cls.name: cls for cls in (LocalLauncher, DebugLauncher, SlurmLauncher)}

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..runtime.preemption import REQUEUE_EXIT_CODE
-from .slurm import SIGNAL_DELAY_S, chunks
+from .slurm import SIGNAL_DELAY_S, chunks, refuse_unsafe
 
 
 def template_path() -> Path:
@@ -28,7 +28,7 @@ def template_path() -> Path:
 def directives(experiment, first: int, count: int) -> list[str]:
     """#SBATCH lines from the frozen experiment's resources and launch settings."""
     r, launch = experiment.resources, experiment.launch
-    logs = experiment.root / "slurm-logs"
+    logs = experiment.folder("slurm-logs")
     lines = {
         "job-name": f"holly-{experiment.name}",
         "array": f"0-{count - 1}%{min(count, launch['array_parallelism'])}",
@@ -49,11 +49,12 @@ def directives(experiment, first: int, count: int) -> list[str]:
             lines[flag] = str(r[key])
     for key, value in (r.get("extra") or {}).items():
         lines[key] = None if value is True else str(value)
+    refuse_unsafe({k: "" if v is None else v for k, v in lines.items()})
     return [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(v)}" for k, v in lines.items()]
 
 
-def write_scripts(experiment, indices: list[int], output: Path, max_array: int) -> list[Path]:
-    """Write one script per array of at most `max_array` tasks; returns their paths."""
+def render_scripts(experiment, indices: list[int], output: Path, max_array: int) -> list[tuple[Path, str]]:
+    """(path, text) of one script per array of at most `max_array` tasks; nothing is written."""
     template = string.Template(template_path().read_text(encoding="utf-8"))
     python = shlex.quote(sys.executable)
     if experiment.container:
@@ -61,19 +62,27 @@ def write_scripts(experiment, indices: list[int], output: Path, max_array: int) 
 
         python = container_python(experiment.container, gpus=experiment.resources["gpus_per_node"] > 0)
     parts = chunks(indices, max_array)
-    paths = []
+    scripts = []
     for n, part in enumerate(parts):
         if part != list(range(part[0], part[0] + len(part))):
             raise ValueError("sbatch scripts cover contiguous task indices")
         path = output if len(parts) == 1 else output.with_name(f"{output.stem}.{n}{output.suffix}")
-        text = template.substitute(
-            experiment=experiment.name, first=part[0], last=part[-1], total=len(experiment.plan["tasks"]),
-            script=path.name, experiment_dir=experiment.root, experiment_dir_q=shlex.quote(str(experiment.root)),
-            directives="\n".join(directives(experiment, part[0], len(part))), offset=part[0], python=python,
-            requeue_code=REQUEUE_EXIT_CODE,
-        )
+        values = {
+            "experiment": experiment.name, "first": part[0], "last": part[-1], "total": len(experiment.plan["tasks"]),
+            "script": path.name, "experiment_dir": experiment.root, "experiment_dir_q": shlex.quote(str(experiment.root)),
+            "directives": "\n".join(directives(experiment, part[0], len(part))), "offset": part[0], "python": python,
+            "requeue_code": REQUEUE_EXIT_CODE,
+        }
+        # The header comments hold the name, folder and script file as they are: none may break its line.
+        refuse_unsafe({k: v for k, v in values.items() if k != "directives"})
+        scripts.append((path, template.substitute(values)))
+    return scripts
+
+
+def write_scripts(scripts: list[tuple[Path, str]], experiment) -> list[Path]:
+    """Write what render_scripts made (executable) and the folder their logs go to."""
+    for path, text in scripts:
         path.write_text(text, encoding="utf-8")
         path.chmod(0o755)
-        paths.append(path)
-    (experiment.root / "slurm-logs").mkdir(exist_ok=True)
-    return paths
+    experiment.folder("slurm-logs").mkdir(exist_ok=True)
+    return [path for path, _ in scripts]

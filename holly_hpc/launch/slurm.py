@@ -3,18 +3,48 @@ sbatch parameters. Every call names the command when it fails."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 
 from ..runtime.preemption import REQUEUE_EXIT_CODE
+from ..spec_values import control_character
 
 SIGNAL_DELAY_S = 90  # SIGUSR2 this long before the time limit: time to finish a step and checkpoint
 
 
 class SlurmError(RuntimeError):
     pass
+
+
+class UnsafeDirective(ValueError):
+    """A value that would not stay inside its #SBATCH line."""
+
+
+def refuse_unsafe(parameters: dict, *texts: str) -> None:
+    """Second line of defence (validate already refuses such specs): no parameter key or value, nor any of
+    `texts` (the folder and command put in the script), may hold a control character. Inside an #SBATCH
+    line a newline ends the comment and starts a shell command, and no quoting helps in a comment."""
+    def check(where: str, text: str) -> None:
+        bad = control_character(text)
+        if bad:
+            raise UnsafeDirective(f"{where}: control character {bad} in {text[:80]!r}: refused, it would break out of "
+                                  "its line of the batch script")
+
+    for key, value in parameters.items():
+        check(f"sbatch option {str(key)[:40]!r}", str(key))
+        if isinstance(value, dict):
+            refuse_unsafe(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                check(f"sbatch option {key}", str(item))
+        else:
+            check(f"sbatch option {key}", str(value))
+    for text in texts:
+        check("batch script", str(text))
 
 
 def _run(argv: list[str], timeout: float = 60) -> str:
@@ -44,7 +74,10 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     states: dict[str, str] = {}
-    out = _run(["sacct", "-n", "-P", "-X", "--format=JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))])
+    try:
+        out = _run(["sacct", "-n", "-P", "-X", "--format=JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))])
+    except SlurmError:
+        out = ""  # a cluster without accounting: squeue still knows the jobs that are queued or running
     for line in out.splitlines():
         if "|" in line:
             job, state = line.split("|", 1)
@@ -98,7 +131,26 @@ def sbatch_parameters(resources: dict, array_parallelism: int) -> dict:
     extra = dict(resources.get("extra") or {})
     extra.setdefault("requeue", True)
     params["additional_parameters"] = extra
+    refuse_unsafe(params)
     return params
+
+
+def test_only(script_text: str) -> None:
+    """`sbatch --test-only`: the cluster checks the script's options (partition, account, QOS, time, memory)
+    without queueing anything, so a submission the cluster would refuse is refused before anything is frozen."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sbatch", prefix="holly-test-only-", delete=False) as fh:
+        fh.write(script_text)
+    try:
+        if shutil.which("sbatch") is None:
+            raise SlurmError("sbatch not found on PATH: is this a SLURM login node (or is slurm-client installed)?")
+        done = subprocess.run(["sbatch", "--test-only", fh.name], check=False, capture_output=True, text=True,
+                              timeout=60)
+        # sbatch --test-only reports on stderr either way; only the exit status tells.
+        if done.returncode != 0:
+            raise SlurmError(f"the cluster refuses these resources (sbatch --test-only): "
+                             f"{(done.stderr or done.stdout).strip()}")
+    finally:
+        os.unlink(fh.name)
 
 
 def requeue_teardown() -> list[str]:

@@ -1,16 +1,16 @@
-"""Submit a spec: validate, expand, freeze, register, launch what is not done yet, optionally wait."""
+"""Submit a spec: validate, expand, check, freeze, register, launch what is not done yet, optionally wait."""
 
 from __future__ import annotations
 
-import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ..experiment import Experiment, freeze, spec_hash
-from ..provenance import provenance
+from ..experiment import Experiment, planned, register, write_frozen
 from ..registry import (
     TERMINAL_STATES,
     Registry,
@@ -19,61 +19,99 @@ from ..registry import (
     storable_url,
 )
 from ..spec import load_spec
+from ..spec_values import refuse_control
 from ..sweep import expand
-from .executors import LaunchedTask, get_launcher
+from .executors import LaunchedTask, Launcher, get_launcher
+from .liveness import reap_lost
 
 
 @dataclass
 class Submission:
     experiment: Experiment
     registry: Registry
+    launcher: Launcher
     launched: list[LaunchedTask] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)  # task index -> why
 
 
 def output_root_for(spec, override: str | None) -> Path:
-    return Path(override or spec.resolved["output_root"]).expanduser().resolve()
+    root = override or spec.resolved["output_root"]
+    refuse_control(str(root), "--output-root")  # a spec's output_root is checked at validate; this is the flag
+    return Path(root).expanduser().resolve()
 
 
-def prepare(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None) -> tuple[Submission, list[int]]:
-    """Validate, expand, freeze and register the spec; return the submission and the tasks still to run."""
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there, before anything is frozen or registered."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".holly-write-check-"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write to the output root ({exc.strerror})", str(folder)) from None
+
+
+def prepare(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None,
+            check: Callable[[Experiment], None] | None = None,
+            launcher_check: bool = True) -> tuple[Submission, list[int]]:
+    """Validate, expand, check, freeze and register the spec; return the submission and the tasks to launch.
+
+    Everything that can fail is tried before anything is written: the spec, the output root (writable, no
+    symbolic links out of it), the launcher's own checks (SLURM: resources the cluster accepts), `check`
+    (e.g. rendering sbatch scripts) and the registry connection. Only then is the experiment frozen and
+    registered, so a refused submission leaves no half-made experiment and no task pending for ever.
+    """
     spec = load_spec(spec_path)
+    if cluster:
+        spec.resolved["launch"]["cluster"] = cluster
     tasks = expand(spec)
     root = output_root_for(spec, output_root)
     url = resolve_url(spec.resolved["registry"].get("url"), root)
-    if cluster:
-        spec.resolved["launch"]["cluster"] = cluster
     # plan.json keeps the URL without a password; jobs get it back from the environment (runtime_url).
-    experiment = freeze(spec, tasks, root, storable_url(url))
-
+    experiment = planned(spec, tasks, root, storable_url(url))
+    check_writable(root)
+    launcher = get_launcher(experiment.launch["cluster"])
+    if launcher_check:
+        launcher.check(experiment)
+    if check is not None:
+        check(experiment)
     registry = open_registry(url)
     registry.init()
-    registry.upsert_experiment(experiment.name, spec.text, spec_hash(spec.text), str(experiment.root),
-                               provenance(experiment))
-    registry.upsert_runs(experiment.name, [
-        {"task_index": t.index, "task_id": t.task_id, "config": json.dumps(t.config, sort_keys=True),
-         "config_hash": t.config_hash, "seed": t.seed, "out_dir": str(experiment.root / t.rel_dir)}
-        for t in tasks
-    ])
-    states = {r.task_index: r.state for r in registry.runs(experiment.name)}
-    submission = Submission(experiment, registry)
+
+    write_frozen(experiment, spec.text)
+    register(registry, experiment)
+    runs = registry.runs(experiment.name)
+    reap_lost(registry, experiment.name, runs)
+    runs = registry.runs(experiment.name)
+    alive = launcher.active(experiment, registry, runs)
+    states = {r.task_index: r.state for r in runs}
+    submission = Submission(experiment, registry, launcher)
     to_run = []
     for t in tasks:
         if states.get(t.index) == "succeeded":
             submission.skipped[t.index] = "succeeded"
             continue
-        if states.get(t.index) in ("failed", "cancelled"):
+        if t.index in alive:
+            submission.skipped[t.index] = f"already {alive[t.index]}"
+            continue
+        if states.get(t.index) in ("failed", "cancelled", "running"):  # running here: its process is gone
             registry.set_state(experiment.name, t.index, "pending", "resubmitted")
         to_run.append(t.index)
     return submission, to_run
 
 
 def submit(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None) -> Submission:
-    """prepare(), then launch every task that has not succeeded as one job array."""
+    """prepare(), then launch every task that has not succeeded and is not alive as one job array. If the
+    launch itself fails (the scheduler refuses at the last moment), the tasks are marked failed with the
+    reason, not left pending."""
     submission, to_run = prepare(spec_path, cluster, output_root)
     experiment, registry = submission.experiment, submission.registry
     if to_run:
-        submission.launched = get_launcher(experiment.launch["cluster"]).launch(experiment, to_run)
+        try:
+            submission.launched = submission.launcher.launch(experiment, to_run)
+        except BaseException as exc:
+            for index in to_run:
+                registry.finish(experiment.name, index, "failed", None, f"submission failed: {exc}")
+            raise
         registry.set_job_ids(experiment.name, {t.task_index: t.job_id for t in submission.launched})
     return submission
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import STATES, TERMINAL_STATES, ExperimentRow, Registry, RunRow
+from .base import STATES, TERMINAL_STATES, ExperimentRow, MissingRows, Registry, RunRow
 from .urls import has_password, is_postgres, redact
 
 ENV_URL = "HOLLY_REGISTRY_URL"
 DEFAULT_FILE = "registry.sqlite"
 
-__all__ = ["STATES", "TERMINAL_STATES", "ExperimentRow", "Registry", "RunRow", "has_password", "open_registry",
+__all__ = ["STATES", "TERMINAL_STATES", "ExperimentRow", "MissingRows", "Registry", "RunRow", "has_password", "open_registry",
            "redact", "resolve_url", "runtime_url"]
 
 

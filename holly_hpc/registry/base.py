@@ -9,6 +9,11 @@ STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
+class MissingRows(LookupError):
+    """A write found no row to write to: the experiment or run is not in this database (a deleted SQLite file,
+    a new PostgreSQL database). The caller can register the experiment again and retry."""
+
+
 @dataclass(frozen=True)
 class RunRow:
     experiment: str
@@ -42,7 +47,8 @@ class ExperimentRow:
 
 
 class Registry(ABC):
-    """Writes are idempotent; every method opens and closes its own short-lived connection."""
+    """Writes are idempotent; every method opens and closes its own short-lived connection. A write that
+    finds no experiment or run row to write to raises MissingRows instead of doing nothing."""
 
     url: str
 
@@ -68,8 +74,14 @@ class Registry(ABC):
         """Move a run to `state` and record the transition as an event."""
 
     @abstractmethod
-    def start_attempt(self, experiment: str, task_index: int, job_id: str, host: str, pid: int) -> int:
-        """Record a new execution of the run (state running); returns its attempt number, from 1."""
+    def note(self, experiment: str, task_index: int, reason: str) -> None:
+        """Record an event that leaves the run's state as it is (a corrupt checkpoint set aside, say)."""
+
+    @abstractmethod
+    def start_attempt(self, experiment: str, task_index: int, job_id: str, host: str, pid: int,
+                      proc_start: str | None = None) -> int:
+        """Record a new execution of the run (state running) by process `pid` (whose start identity is
+        `proc_start`, to tell it from a later process with the same pid); returns its number, from 1."""
 
     @abstractmethod
     def end_attempt(self, experiment: str, task_index: int, attempt: int, exit_reason: str, error: str | None = None) -> None: ...

@@ -16,6 +16,7 @@ from .urls import redact
 
 class PostgresRegistry(SQLRegistry):
     placeholder = "%s"
+    dialect = "postgresql"
 
     def __init__(self, url: str):
         self.dsn = url

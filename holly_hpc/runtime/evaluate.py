@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..experiment import Experiment
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import newest_intact_checkpoint
 from .outputs import MetricsStore, TaskPaths, write_json_atomic
 
 
@@ -13,10 +15,15 @@ def newest_task_checkpoint(experiment: Experiment, index: int, kind: str | None 
     if kind is not None and config["kind"] != kind:
         raise ValueError(f"task {index} of {experiment.name} is a {config['kind']} task, not {kind}")
     folder = TaskPaths(experiment.task_dir(index)).checkpoints
-    path = latest_checkpoint(folder)
-    if path is None:
-        raise FileNotFoundError(f"{folder}: no checkpoint (has task {index} run?)")
-    return load_checkpoint(path)
+
+    def corrupt(path, aside, why) -> None:
+        print(f"warning: checkpoint {path} is corrupt ({why}); moved to {aside.name if aside else '?'}; "
+              "using the newest intact one", file=sys.stderr)
+
+    found = newest_intact_checkpoint(folder, corrupt)
+    if found is None:
+        raise FileNotFoundError(f"{folder}: no intact checkpoint (has task {index} run?)")
+    return found[1]
 
 
 def evaluate_task(experiment: Experiment, index: int) -> dict[str, float]:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..experiment import inside
+
 
 @dataclass(frozen=True)
 class TaskPaths:
@@ -39,6 +41,9 @@ class TaskPaths:
         return self.root / "final"
 
     def make(self) -> "TaskPaths":
+        """Create the folders, refusing any that is a symbolic link out of the task folder."""
+        for d in (self.checkpoints, self.tb, self.zarr, self.final):
+            inside(self.root, d.name)
         for d in (self.checkpoints, self.tb, self.final):
             d.mkdir(parents=True, exist_ok=True)
         return self

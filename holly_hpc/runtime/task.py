@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import sys
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import submitit
 
-from ..experiment import Experiment
+from ..experiment import Experiment, restore_registry
 from ..registry import open_registry, runtime_url
 from ..registry.spool import SPOOL_FILE, SpooledRegistry
 from .distributed import DistInfo, setup_distributed, teardown_distributed
-from .preemption import Preempted, StopRequest, exit_for_requeue
+from .preemption import Preempted, StopRequest, exit_for_requeue, exit_stopped
+from .processes import process_identity
 
 
 def select_device(name: str, local_rank: int | None = None):
@@ -49,16 +51,24 @@ def cpu_threads(launch: dict, n_tasks: int) -> int:
     return max(1, available // at_once)
 
 
+def _open_lock(path: Path):
+    """A lock file opened for writing without following a symbolic link planted at its name."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644), "w")
+
+
 @contextlib.contextmanager
-def local_slot(experiment: Experiment, poll_s: float = 0.5):
+def local_slot(experiment: Experiment, poll_s: float = 0.5, stop: StopRequest | None = None):
     """Hold one of array_parallelism slot locks: the local executor starts every array task at once,
-    so this is what limits how many train together (the kernel frees the lock if the process dies)."""
+    so this is what limits how many train together (the kernel frees the lock if the process dies).
+    A stop request while waiting (cancel of a queued task) leaves the queue: Preempted at step 0."""
     slots = int(experiment.launch.get("array_parallelism", 1))
-    folder = experiment.root / ".slots"
+    folder = experiment.folder(".slots")
     folder.mkdir(exist_ok=True)
     while True:
+        if stop is not None and stop.requested:
+            raise Preempted(0, stop.signal_name)
         for k in range(slots):
-            fh = open(folder / f"slot-{k}.lock", "w")
+            fh = _open_lock(folder / f"slot-{k}.lock")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -77,7 +87,7 @@ def local_slot(experiment: Experiment, poll_s: float = 0.5):
 def task_lock(task_dir: Path):
     """Yield True while this process exclusively holds the task (False if another process does)."""
     task_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(task_dir / ".lock", "w")
+    fh = _open_lock(task_dir / ".lock")
     try:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,42 +160,58 @@ class TaskRunner(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         stop = StopRequest().install()  # before anything slow: a signal during set-up is not lost
+        try:
+            return self._call(stop)
+        finally:
+            stop.uninstall()
+
+    def _call(self, stop: StopRequest) -> dict:
         experiment = Experiment.load(self.experiment_dir)
         registry = open_registry(runtime_url(experiment.registry_url))
-        done = [r for r in registry.runs(experiment.name) if r.task_index == self.task_index and r.state == "succeeded"]
-        if done:  # e.g. an exported sbatch script run again (every rank sees this and stops together)
+        done = _succeeded(registry, experiment, self.task_index)
+        if done is not None:  # e.g. an exported sbatch script run again (every rank sees this and stops together)
             print(f"task {self.task_index} already succeeded; nothing to do")
-            return done[0].final_metrics or {}
+            return done
         dist = setup_distributed(_device_type(experiment.task(self.task_index).config["device"]))
         try:
             if not dist.is_main:  # other ranks train alongside rank 0, which owns the task's bookkeeping
                 return self._train(experiment, None, stop, dist)
             local = os.environ.get("SUBMITIT_EXECUTOR") == "local" and not dist.active
             task_dir = experiment.task_dir(self.task_index)
-            registry = SpooledRegistry(registry, task_dir / SPOOL_FILE, label=experiment.task(self.task_index).task_id)
+            registry = SpooledRegistry(registry, task_dir / SPOOL_FILE, label=experiment.task(self.task_index).task_id,
+                                       restore=functools.partial(restore_registry, registry, experiment))
             with task_lock(task_dir) as owned:
                 if not owned:
-                    # A resubmission launched this task again while an earlier launch still holds it.
+                    # A resubmission launched this task again while an earlier launch still holds it. Nothing is
+                    # written: the registry keeps the job id of the process that holds the task.
                     print(f"task {self.task_index} is already queued or running in another process; nothing to do")
                     return {"skipped": "already running"}
-                with local_slot(experiment) if local else contextlib.nullcontext():
-                    return self._run(experiment, registry, stop, dist)
+                try:
+                    with local_slot(experiment, stop=stop) if local else contextlib.nullcontext():
+                        return self._run(experiment, registry, stop, dist)
+                except Preempted as exc:
+                    if exc.step != 0 or self._attempt is not None:
+                        raise
+                    print(f"task {self.task_index} left the queue on {exc.signal_name} before it started", flush=True)
+                    exit_stopped(exc.signal_name)
+                    raise
         finally:
             teardown_distributed()
 
     def _train(self, experiment, registry, stop, dist) -> dict:
         try:
             result = run_task(experiment, self.task_index, registry, stop=stop, dist=dist)
-        except Preempted:
-            if exit_for_requeue() is False:
-                raise
+        except Preempted as exc:
+            exit_for_requeue() if exc.requeue else exit_stopped(exc.signal_name)
+            raise
         return result.final_metrics or {}
 
     def _run(self, experiment: Experiment, registry, stop: StopRequest, dist: DistInfo) -> dict:
         name, index = experiment.name, self.task_index
         # The start time names this attempt even if its start is spooled (the number comes on replay).
         started = time.time()
-        self._attempt = registry.start_attempt(name, index, current_job_id(), socket.gethostname(), os.getpid(), at=started)
+        self._attempt = registry.start_attempt(name, index, current_job_id(), socket.gethostname(), os.getpid(),
+                                               at=started, proc_start=process_identity())
 
         def end(reason: str, error: str | None = None) -> None:
             registry.end_attempt(name, index, self._attempt, reason, error, started=started)
@@ -193,11 +219,17 @@ class TaskRunner(submitit.helpers.Checkpointable):
         try:
             result = run_task(experiment, index, registry, stop=stop, dist=dist)
         except Preempted as exc:
-            end("preempted", str(exc))
-            registry.set_state(name, index, "pending", f"requeued: {exc}")
-            registry.replay()
-            if exit_for_requeue() is False:
-                raise
+            if exc.requeue:
+                end("preempted", str(exc))
+                registry.set_state(name, index, "pending", f"requeued: {exc}")
+                registry.replay()
+                exit_for_requeue()
+            else:  # stopped, not requeued: SLURM requeues a preempted job itself; scancel and cancel mean stop
+                end("cancelled", str(exc))
+                registry.finish(name, index, "cancelled", None, f"{exc}; checkpointed there: resubmit to resume")
+                registry.replay()
+                exit_stopped(exc.signal_name)
+            raise  # in the submitting process (debug executor, tests): nothing to restart
         except BaseException as exc:
             if self._requeued:
                 raise  # submitit's requeue exit after checkpoint(): the run is pending again, not failed
@@ -206,10 +238,12 @@ class TaskRunner(submitit.helpers.Checkpointable):
             end("cancelled" if cancelled else "failed", error)
             registry.finish(name, index, "cancelled" if cancelled else "failed", None, error)
             registry.replay()
+            if cancelled:
+                exit_stopped("SIGINT")  # a second signal: leave without a traceback in the log
             raise
         end("completed")
         registry.finish(name, index, "succeeded", result.final_metrics, None)
-        if not registry.replay():
+        if not registry.replay().done:
             print(f"registry still unreachable: {registry.pending()} write(s) wait in {registry.spool_path}; "
                   f"replay them with: holly-hpc registry sync {experiment.root}", file=sys.stderr)
         return result.final_metrics
@@ -225,6 +259,18 @@ class TaskRunner(submitit.helpers.Checkpointable):
                 registry.end_attempt(experiment.name, self.task_index, self._attempt, "preempted")
                 registry.set_state(experiment.name, self.task_index, "pending", "requeued after SIGUSR2")
         return submitit.helpers.DelayedSubmission(TaskRunner(self.experiment_dir, self.task_index))
+
+
+def _succeeded(registry, experiment: Experiment, index: int) -> dict | None:
+    """The final metrics if the registry says the task succeeded. An unreachable or emptied registry
+    says nothing: then the task lock and its checkpoints decide, and its writes are spooled or restored."""
+    try:
+        runs = registry.runs(experiment.name)
+    except Exception as exc:  # noqa: BLE001 - the database may be away; training must not depend on it
+        print(f"registry unavailable at start ({exc}); going on", file=sys.stderr, flush=True)
+        return None
+    done = [r for r in runs if r.task_index == index and r.state == "succeeded"]
+    return (done[0].final_metrics or {}) if done else None
 
 
 def _device_type(name: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TextIO
 
 from .checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
+    list_checkpoints,
+    newest_intact_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -47,6 +47,10 @@ class RegistryReporter:
         self._last = (step, metrics.get("loss"))
         if now - self._flushed_at >= self.flush_s:
             self.flush()
+
+    def note(self, message: str) -> None:
+        if self.registry is not None:
+            self.registry.note(self.experiment, self.task_index, message)
 
     def flush(self) -> None:
         if self.registry is None or self._last is None:
@@ -92,10 +96,20 @@ class Trainer:
         return save_checkpoint(self.paths.checkpoints, self.step, payload, self.keep)
 
     def resume(self) -> bool:
-        path = latest_checkpoint(self.paths.checkpoints)
-        if path is None:
+        """Continue from the newest intact checkpoint; a corrupt newer one (a truncated write, a damaged disk)
+        is moved aside and recorded, never fatal: training goes back to the last good step, or to step 0."""
+        had = bool(list_checkpoints(self.paths.checkpoints))
+
+        def corrupt(path: Path, aside: Path | None, why: str) -> None:
+            moved = f"; moved to {aside.name}" if aside else ""
+            self._report(f"checkpoint {path} is corrupt ({why}){moved}")
+
+        found = newest_intact_checkpoint(self.paths.checkpoints, corrupt, move_aside=self.dist.is_main)
+        if found is None:
+            if had:
+                self._report("no intact checkpoint left: starting over from step 0")
             return False
-        payload = load_checkpoint(path)
+        path, payload = found
         self.kind.load_state_dict(payload["kind"])
         set_rng_state(payload["rng"])
         self.step = payload["step"]
@@ -103,6 +117,14 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- loop
+    def _report(self, message: str) -> None:
+        """Something the user must hear of: printed, on stderr too, and an event in the registry."""
+        if not self.dist.is_main:
+            return
+        self._print(message)
+        print(f"[{self.label}] {message}", file=sys.stderr, flush=True)
+        self.reporter.note(message)
+
     def _print(self, message: str) -> None:
         if not self.dist.is_main:
             return
