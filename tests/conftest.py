@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,17 @@ def holly_hpc_exe() -> list[str]:
     """The installed console script (crossing the real entry point), next to this interpreter."""
     exe = Path(sys.executable).with_name("holly-hpc")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "holly_hpc.cli"]
+
+
+def wait_for(predicate, timeout=240, poll=1.0, what="condition"):
+    """The first truthy value of predicate(), polled; fails after `timeout` s (a hang guard, not a speed test)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def env_for_subprocess() -> dict:

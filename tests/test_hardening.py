@@ -32,7 +32,7 @@ from holly_hpc.runtime.task import TaskRunner, run_task, task_lock
 from holly_hpc.spec import load_spec
 from holly_hpc.sweep import expand
 
-from .conftest import env_for_subprocess, holly_hpc_exe
+from .conftest import env_for_subprocess, holly_hpc_exe, wait_for
 
 # A local task that trains until stopped, reporting every log (flush 0) and checkpointing often.
 LONG = {"train": {"steps": 200000, "log_every": 10, "checkpoint_every": 50, "keep_checkpoints": 2},
@@ -42,16 +42,6 @@ LONG = {"train": {"steps": 200000, "log_every": 10, "checkpoint_every": 50, "kee
 def _sh(*args, timeout=300):
     return subprocess.run([*holly_hpc_exe(), *map(str, args)], capture_output=True, text=True,
                           env=env_for_subprocess(), timeout=timeout)
-
-
-def _wait_for(predicate, timeout=120, poll=0.2, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _registry(root: Path):
@@ -328,12 +318,18 @@ def test_a_write_to_a_missing_run_raises_instead_of_vanishing(registry_url, writ
             write(empty)
 
 
-def test_an_attempt_whose_start_was_lost_is_recorded_when_it_ends(registry_url):
-    reg = open_registry(registry_url)
+def _one_run(url: str):
+    """A registry holding experiment 'exp' with one pending run, task 0."""
+    reg = open_registry(url)
     reg.init()
     reg.upsert_experiment("exp", "", "", "/x")
     reg.upsert_runs("exp", [{"task_index": 0, "task_id": "0000-x", "config": "{}", "config_hash": "x", "seed": 1,
                              "out_dir": "/o"}])
+    return reg
+
+
+def test_an_attempt_whose_start_was_lost_is_recorded_when_it_ends(registry_url):
+    reg = _one_run(registry_url)
     reg.end_attempt("exp", 0, None, "completed", started=100.0, at=160.0)
     (attempt,) = reg.attempts("exp", 0)
     assert (attempt["attempt"], attempt["started"], attempt["ended"], attempt["exit_reason"]) == (1, 100.0, 160.0, "completed")
@@ -390,7 +386,7 @@ def test_two_submits_at_once_train_once_and_cancel_stops_the_process_that_trains
     for proc in both:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, out + err
-    attempt = _wait_for(lambda: _open_attempt(root), what="the task to start")
+    attempt = wait_for(lambda: _open_attempt(root), what="the task to start")
     time.sleep(3)  # time for the second controller to find the task locked and leave
     reg = _registry(root)
     (run,) = reg.runs("tiny")
@@ -419,11 +415,11 @@ def test_two_submits_at_once_train_once_and_cancel_stops_the_process_that_trains
 def test_a_task_killed_with_sigkill_is_found_lost_and_resumes(write_spec, tmp_path, stop_tasks):
     path, root = _start_long(write_spec, tmp_path, stop_tasks)
     assert _sh("submit", path).returncode == 0
-    attempt = _wait_for(lambda: _open_attempt(root), what="the task to start")
+    attempt = wait_for(lambda: _open_attempt(root), what="the task to start")
     ckpts = Experiment.load(root).task_dir(0) / "checkpoints"
-    _wait_for(lambda: list_checkpoints(ckpts), what="a checkpoint")
+    wait_for(lambda: list_checkpoints(ckpts), what="a checkpoint")
     os.kill(attempt["pid"], signal.SIGKILL)
-    _wait_for(lambda: is_alive(attempt["pid"], attempt["proc_start"]) is False, what="the process to die")
+    wait_for(lambda: is_alive(attempt["pid"], attempt["proc_start"]) is False, what="the process to die")
     status = _sh("status", root)
     assert status.returncode == 0
     assert "note: task 0 of tiny was running but its process is gone: marked failed (lost)" in status.stderr
@@ -433,17 +429,13 @@ def test_a_task_killed_with_sigkill_is_found_lost_and_resumes(write_spec, tmp_pa
     assert lost["exit_reason"] == "lost" and lost["ended"] is not None and "ended without reporting" in lost["error"]
     again = _sh("submit", path)
     assert "1 launched (local)" in again.stdout, again.stdout + again.stderr
-    second = _wait_for(lambda: _open_attempt(root), what="the resubmitted task to start")
+    second = wait_for(lambda: _open_attempt(root), what="the resubmitted task to start")
     assert second["attempt"] == 2 and [a["exit_reason"] for a in reg.attempts("tiny", 0)] == ["lost", None]
-    _wait_for(lambda: "resumed from step_" in _sh("logs", root, "--task", "0").stdout, what="a resume")
+    wait_for(lambda: "resumed from step_" in _sh("logs", root, "--task", "0").stdout, what="a resume")
 
 
 def test_an_open_attempt_left_by_a_dead_process_is_closed_by_the_next(registry_url):
-    reg = open_registry(registry_url)
-    reg.init()
-    reg.upsert_experiment("exp", "", "", "/x")
-    reg.upsert_runs("exp", [{"task_index": 0, "task_id": "0000-x", "config": "{}", "config_hash": "x", "seed": 1,
-                             "out_dir": "/o"}])
+    reg = _one_run(registry_url)
     reg.start_attempt("exp", 0, "j1", "h", 11, at=100.0)  # its process was killed: never ended
     reg.start_attempt("exp", 0, "j2", "h", 12, at=200.0, proc_start=process_identity())
     first, second = reg.attempts("exp", 0)
@@ -455,7 +447,7 @@ def test_submit_wait_says_cancelled_when_its_tasks_are_cancelled(write_spec, tmp
     path, root = _start_long(write_spec, tmp_path, stop_tasks)
     waiting = subprocess.Popen([*holly_hpc_exe(), "submit", str(path), "--wait"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env_for_subprocess())
-    _wait_for(lambda: (root / "plan.json").exists() and _open_attempt(root), what="the task to start")
+    wait_for(lambda: (root / "plan.json").exists() and _open_attempt(root), what="the task to start")
     assert _sh("cancel", root).returncode == 0
     out, err = waiting.communicate(timeout=120)
     assert waiting.returncode == 3, out + err
@@ -468,7 +460,7 @@ def test_cancel_of_a_queued_local_task_stops_it_before_it_starts(write_spec, tmp
     root = tmp_path / "runs" / "tiny"
     stop_tasks.append(root)
     assert _sh("submit", path).returncode == 0  # array_parallelism 1: one task waits for the other's slot
-    running = _wait_for(lambda: [i for i in (0, 1) if _open_attempt(root, i)], what="a task to start")[0]
+    running = wait_for(lambda: [i for i in (0, 1) if _open_attempt(root, i)], what="a task to start")[0]
     queued = 1 - running
     done = _sh("cancel", root, "--task", queued, "--grace", "30")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -481,17 +473,17 @@ def test_cancel_of_a_queued_local_task_stops_it_before_it_starts(write_spec, tmp
 def test_sigterm_checkpoints_at_the_step_and_a_resubmission_resumes_there(write_spec, tmp_path, stop_tasks):
     path, root = _start_long(write_spec, tmp_path, stop_tasks)
     assert _sh("submit", path).returncode == 0
-    attempt = _wait_for(lambda: _open_attempt(root), what="the task to start")
-    _wait_for(lambda: (_registry(root).runs("tiny")[0].last_step or 0) >= 20, what="some steps")
+    attempt = wait_for(lambda: _open_attempt(root), what="the task to start")
+    wait_for(lambda: (_registry(root).runs("tiny")[0].last_step or 0) >= 20, what="some steps")
     os.kill(attempt["pid"], signal.SIGTERM)  # what SLURM sends a preempted or scancelled job
-    _wait_for(lambda: is_alive(attempt["pid"], attempt["proc_start"]) is False, what="the task to stop")
+    wait_for(lambda: is_alive(attempt["pid"], attempt["proc_start"]) is False, what="the task to stop")
     reg = _registry(root)
     (ended,) = reg.attempts("tiny", 0)
     step = int(re.search(r"stopped after step (\d+) on SIGTERM", ended["error"]).group(1))
     ckpts = Experiment.load(root).task_dir(0) / "checkpoints"
     assert list_checkpoints(ckpts)[-1][0] == step and reg.runs("tiny")[0].state == "cancelled"
     assert _sh("submit", path).returncode == 0
-    _wait_for(lambda: f"resumed from step_{step:08d}.pt (step {step})" in _sh("logs", root, "--task", "0").stdout,
+    wait_for(lambda: f"resumed from step_{step:08d}.pt (step {step})" in _sh("logs", root, "--task", "0").stdout,
               what="the resume from the stop step")
 
 

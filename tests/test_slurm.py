@@ -18,7 +18,7 @@ from holly_hpc.experiment import Experiment
 from holly_hpc.registry import open_registry
 from holly_hpc.runtime.checkpoint import latest_checkpoint, load_checkpoint
 
-from .conftest import REPO, env_for_subprocess, holly_hpc_exe
+from .conftest import REPO, env_for_subprocess, holly_hpc_exe, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -52,16 +52,6 @@ def _sh(*args, timeout=300):
     return done
 
 
-def _wait_for(predicate, timeout=240, poll=1.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _runs(exp_dir):
     exp = Experiment.load(exp_dir)
     return open_registry(exp.registry_url).runs(exp.name)
@@ -90,7 +80,7 @@ def test_a_sweep_of_four_runs_as_a_slurm_array_with_job_ids(slurm, write_spec, t
         return [line.split() for line in status.stdout.splitlines()]
 
     # The registry can say succeeded a moment before SLURM has wrapped the job up.
-    rows = _wait_for(lambda: (rows := status_rows()) and all(r[-1] == "COMPLETED" for r in rows[1:]) and rows,
+    rows = wait_for(lambda: (rows := status_rows()) and all(r[-1] == "COMPLETED" for r in rows[1:]) and rows,
                      timeout=60, what="sacct to report COMPLETED")
     assert rows[0][-2:] == ["job", "slurm"]
     assert [(r[1], r[2], r[7]) for r in rows[1:]] == [(r.task_id, "succeeded", r.job_id) for r in runs]
@@ -133,12 +123,12 @@ def test_cancel_cancels_exactly_the_experiments_jobs(slurm, write_spec, tmp_path
     path = write_spec({**SLURM_SPEC, "train": {"steps": 100000, "log_every": 50, "checkpoint_every": 1000}})
     assert _sh("submit", path).returncode == 0
     root = tmp_path / "runs" / "tiny"
-    _wait_for(lambda: _runs(root)[0].state == "running", what="the task to start")
+    wait_for(lambda: _runs(root)[0].state == "running", what="the task to start")
     done = _sh("cancel", root)
     assert done.returncode == 0, done.stderr
     (run,) = _runs(root)
     assert run.state == "cancelled" and run.job_id in done.stdout
-    states = _wait_for(lambda: (s := _slurm_state(run.job_id)) in ("CANCELLED",) and s, what="sacct CANCELLED")
+    states = wait_for(lambda: (s := _slurm_state(run.job_id)) in ("CANCELLED",) and s, what="sacct CANCELLED")
     assert states == "CANCELLED"
 
 
@@ -158,17 +148,17 @@ def test_scancel_stops_the_task_at_a_step_with_a_checkpoint_and_no_requeue(slurm
                        "registry": {"flush_seconds": 0}})
     assert _sh("submit", path).returncode == 0
     root = tmp_path / "runs" / "tiny"
-    run = _wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 20 and r, poll=0.5,
+    run = wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 20 and r, poll=0.5,
                     what="training to be under way")
     subprocess.run(["scancel", run.job_id], check=True)
     exp = Experiment.load(root)
     reg = open_registry(exp.registry_url)
-    attempt = _wait_for(lambda: (a := reg.attempts(exp.name, 0)[-1])["ended"] and a, what="the attempt to end")
+    attempt = wait_for(lambda: (a := reg.attempts(exp.name, 0)[-1])["ended"] and a, what="the attempt to end")
     assert attempt["exit_reason"] == "cancelled", attempt
     step = int(attempt["error"].split("stopped after step ")[1].split()[0])
     assert attempt["error"].startswith(f"stopped after step {step} on SIGTERM")
     assert latest_checkpoint(exp.task_dir(0) / "checkpoints").name == f"step_{step:08d}.pt"  # only the stop's
-    assert _wait_for(lambda: _slurm_state(run.job_id) == "CANCELLED", what="sacct CANCELLED")
+    assert wait_for(lambda: _slurm_state(run.job_id) == "CANCELLED", what="sacct CANCELLED")
     time.sleep(5)
     assert len(reg.attempts(exp.name, 0)) == 1 and _runs(root)[0].state == "cancelled"  # not requeued
 
@@ -189,12 +179,12 @@ def test_sigusr2_checkpoints_requeues_and_finishes_identically(slurm, write_spec
     path = write_spec({**SLURM_SPEC, **changes, "experiment": "pre"}, name="pre.yaml")
     assert _sh("submit", path).returncode == 0
     root = tmp_path / "runs" / "pre"
-    run = _wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 40 and r, poll=0.2,
+    run = wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 40 and r, poll=0.2,
                     what="training to be under way")
     assert run.last_step < 2000
     subprocess.run(["scancel", "--signal=USR2", run.job_id], check=True)
-    _wait_for(lambda: _runs(root)[0].state == "pending", what="the checkpoint and requeue")
-    _wait_for(lambda: _release_requeued(run.job_id) and _runs(root)[0].state == "succeeded", timeout=300, poll=3,
+    wait_for(lambda: _runs(root)[0].state == "pending", what="the checkpoint and requeue")
+    wait_for(lambda: _release_requeued(run.job_id) and _runs(root)[0].state == "succeeded", timeout=300, poll=3,
               what="the requeued task to finish")
     (final,) = _runs(root)
     assert final.attempts == 2
@@ -257,7 +247,7 @@ def test_exported_sbatch_script_runs_the_same_tasks(slurm, write_spec, tmp_path)
     submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stderr
     root = tmp_path / "runs" / "tiny"
-    _wait_for(lambda: all(r.state == "succeeded" for r in _runs(root)), timeout=300, what="the sbatch tasks")
+    wait_for(lambda: all(r.state == "succeeded" for r in _runs(root)), timeout=300, what="the sbatch tasks")
     assert [r.task_id for r in _runs(root)] == expected
     for task in Experiment.load(root).tasks:
         assert (Experiment.load(root).task_dir(task.index) / "final" / "metrics.json").exists()

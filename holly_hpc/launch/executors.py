@@ -72,16 +72,17 @@ class Launcher(ABC):
 
     def _stop_local(self, experiment, registry, run, grace_s: float) -> Stopped:
         attempt = open_attempt(registry, experiment.name, run.task_index)
-        if attempt_alive(attempt):
+        alive = attempt_alive(attempt)
+        if alive:
             outcome = stop_process(int(attempt["pid"]), attempt["proc_start"], grace_s)
             words = {"ended": "stopped at a step boundary after SIGTERM", "gone": "had already ended",
                      "killed": f"did not stop within {grace_s:g} s: killed", "unknown": "could not be verified to end"}
             return Stopped(run.task_index, outcome != "unknown", f"process {attempt['pid']} {words[outcome]}")
-        if attempt is not None and attempt_alive(attempt) is None:
-            where = "could not be checked" if attempt["host"] == this_host() else f"runs on {attempt['host']}, not here"
-            return Stopped(run.task_index, False, f"process {attempt['pid']} {where}: stop it there")
+        if alive is None and attempt is not None and attempt["host"] != this_host():
+            return Stopped(run.task_index, False, f"process {attempt['pid']} runs on {attempt['host']}, not here: "
+                                                  "cancel it there")
         controller = int(run.job_id) if run.job_id and run.job_id.isdigit() else None
-        if controller and is_submitit_controller(controller):  # queued locally: waiting for a slot
+        if controller and is_submitit_controller(controller):  # queued (no attempt yet), or not checkable
             os.kill(controller, signal.SIGTERM)  # forwarded to its task, which leaves the slot queue
             deadline = time.monotonic() + grace_s
             while is_submitit_controller(controller) and time.monotonic() < deadline:
@@ -89,7 +90,10 @@ class Launcher(ABC):
             if is_submitit_controller(controller):
                 os.killpg(controller, signal.SIGKILL)
                 return Stopped(run.task_index, True, f"queued job {controller} killed after {grace_s:g} s")
-            return Stopped(run.task_index, True, f"queued job {controller} stopped before it started")
+            return Stopped(run.task_index, True, f"queued job {controller} stopped before it started" if attempt is None
+                           else f"job {controller} stopped")
+        if alive is None and attempt is not None:
+            return Stopped(run.task_index, False, f"process {attempt['pid']} could not be checked: stop it by hand")
         return Stopped(run.task_index, True, "no process was running it")
 
 

@@ -29,9 +29,11 @@ def process_identity(pid: int | None = None) -> str | None:
 
 def is_alive(pid: int, identity: str | None) -> bool | None:
     """True if `pid` is the process with `identity`, False if that process is gone, None if this machine
-    cannot tell (no identity was recorded, or /proc is missing)."""
-    if not identity or not _BOOT_ID.exists():
+    cannot tell (/proc is missing, or no identity was recorded and some process has that pid now)."""
+    if not _BOOT_ID.exists():
         return None
+    if not identity:  # an attempt recorded before identities were: only a vanished pid is certain
+        return False if not Path(f"/proc/{pid}").exists() else None
     now = process_identity(pid)
     if now is None:
         return False
