@@ -22,3 +22,10 @@ def test_bench_render_through_the_cli(cli):
     rows = json.loads(out)
     assert {r["impl"] for r in rows} == {"fast", "reference"}
     assert all(set(r) == {"impl", "device", "batch", "points", "size", "sigma", "fwd_bwd_ms", "peak_mb"} for r in rows)
+
+
+def test_bench_registry_writes_every_row_of_its_registered_runs(cli):
+    code, out, err = cli("bench", "registry", "--writers", "2", "--rows", "30", "--batch", "10", "--json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert row == {**row, "backend": "sqlite", "writers": 2, "rows": 60, "lost": 0} and row["rows_per_s"] > 0

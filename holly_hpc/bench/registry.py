@@ -34,6 +34,10 @@ def measure(url: str, writers: int, rows: int, batch: int) -> dict:
     registry = open_registry(url)
     registry.init()
     experiment = f"bench-{uuid.uuid4().hex[:8]}"
+    # One run per writer, as submit registers them: metrics of a run the registry does not hold are refused.
+    registry.upsert_experiment(experiment, "", "", tempfile.gettempdir())
+    registry.upsert_runs(experiment, [{"task_index": i, "task_id": f"{i:04d}-bench", "config": "{}", "config_hash": "",
+                                       "seed": i, "out_dir": ""} for i in range(writers)])
     ctx = mp.get_context("spawn")
     start_at = time.time() + 3.0  # time for the interpreters to start
     procs = [ctx.Process(target=_writer, args=(url, experiment, i, rows, batch, start_at)) for i in range(writers)]
