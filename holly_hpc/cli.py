@@ -389,9 +389,13 @@ def cmd_registry(args) -> int:
         sent, total = sum(r.sent for _, r in results), sum(r.total for _, r in results)
         left = [(p, r) for p, r in results if not r.done]
         restored = " (the experiment's rows were missing: written again from its folder)" if any(r.restored for _, r in results) else ""
-        print(f"replayed {sent} of {total} spooled write(s) from {len(spools)} spool file(s) into {registry.url}{restored}")
+        unreadable = sum(r.unreadable for _, r in results)
+        cut = f"; {unreadable} unreadable line(s) moved to *.unreadable" if unreadable else ""
+        print(f"replayed {sent} of {total} spooled write(s) from {len(spools)} spool file(s) into {registry.url}"
+              f"{restored}{cut}")
         for p, r in left:
-            print(f"kept {p}: {r.total - r.sent} write(s) not written: {redact(r.error or '?')}", file=sys.stderr)
+            print(f"kept {p}: {r.total - r.sent - r.unreadable} write(s) not written: {redact(r.error or '?')}",
+                  file=sys.stderr)
         return 1 if left else 0
     url = args.target or os.environ.get("HOLLY_REGISTRY_URL") or resolve_url(None, Path(args.output_root or DEFAULT_OUTPUT_ROOT))
     registry = open_registry(url)

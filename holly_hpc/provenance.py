@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import getpass
-import hashlib
 import platform
 import subprocess
 from pathlib import Path
 
 import holly_hpc
+
+from .io import sha256_of
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -21,13 +22,7 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 def file_digest(path: Path) -> str | None:
     """sha256 of a file (a container image), read in 1 MiB blocks; None if it is not there."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{sha256_of(path)}" if path.is_file() else None
 
 
 def provenance(experiment) -> dict:

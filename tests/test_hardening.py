@@ -518,3 +518,16 @@ def test_sqlite_registry_file_is_not_left_half_migrated(tmp_path):
     assert reg.attempts("e", 0)[0]["exit_reason"] == "lost"
     with sqlite3.connect(path) as db, pytest.raises(sqlite3.IntegrityError):
         db.execute("INSERT INTO attempts (experiment, task_index, attempt, started, exit_reason) VALUES ('e', 0, 2, 1, 'exploded')")
+
+
+def test_a_spool_line_cut_short_by_a_crash_is_set_aside_not_counted_as_written(write_spec, tmp_path, cli):
+    exp, reg = _registered(write_spec, tmp_path)
+    spool = exp.task_dir(0) / SPOOL_FILE
+    down = open_registry(f"sqlite:///{tmp_path / 'no' / 'such' / 'r.sqlite'}")
+    SpooledRegistry(down, spool).heartbeat(exp.name, 0, 5, 0.5, at=100.0)
+    with open(spool, "a") as fh:
+        fh.write('{"method": "heartbeat", "args": ["tiny", 0, 1')  # the writer died here
+    code, out, _ = cli("registry", "sync", exp.root)
+    assert code == 0 and "replayed 1 of 2 spooled write(s)" in out and "1 unreadable line(s) moved" in out
+    assert (spool.parent / (SPOOL_FILE + ".unreadable")).read_text().startswith('{"method": "heartbeat"')
+    assert not spool.exists() and reg.runs(exp.name)[0].last_step == 5

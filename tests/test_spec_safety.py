@@ -10,18 +10,13 @@ import sys
 
 import pytest
 
-from holly_hpc.spec import SpecError, _validator, load_spec, whole_string_pattern
+from holly_hpc.spec import _validator, load_spec, whole_string_pattern
 from holly_hpc.spec_values import control_character
 from holly_hpc.spec_yaml import MAX_DEPTH, MAX_NODES
 from holly_hpc.sweep import expand
 
 from .conftest import REPO, TINY
-
-
-def problems_of(path) -> list[str]:
-    with pytest.raises(SpecError) as info:
-        load_spec(path)
-    return str(info.value).splitlines()
+from .test_spec import problems_of
 
 
 def spec_text(**sections) -> str:

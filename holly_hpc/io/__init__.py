@@ -1,6 +1,16 @@
 """Readers and writers for the file formats researchers bring and take away."""
 
+import hashlib
 from pathlib import Path
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints, container images of gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def resolve_path(path: str | Path, base_dir: Path) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runtime.processes import is_alive, this_host
+from ..runtime.processes import is_alive, stat_fields, this_host
 
 
 def open_attempt(registry, experiment: str, index: int) -> dict | None:
@@ -43,7 +43,7 @@ def is_submitit_controller(pid: int) -> bool:
     """Whether `pid` is (still) a submitit local controller: a reused pid is never signalled."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return b"submitit.local._local" in cmdline and state not in ("Z", "X")
+    fields = stat_fields(pid)
+    return b"submitit.local._local" in cmdline and fields is not None and fields[0] not in ("Z", "X")

@@ -80,8 +80,8 @@ def prepare(spec_path: str | Path, cluster: str | None = None, output_root: str 
     write_frozen(experiment, spec.text)
     register(registry, experiment)
     runs = registry.runs(experiment.name)
-    reap_lost(registry, experiment.name, runs)
-    runs = registry.runs(experiment.name)
+    if reap_lost(registry, experiment.name, runs):
+        runs = registry.runs(experiment.name)
     alive = launcher.active(experiment, registry, runs)
     states = {r.task_index: r.state for r in runs}
     submission = Submission(experiment, registry, launcher)

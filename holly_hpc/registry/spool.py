@@ -34,10 +34,11 @@ class ReplayResult:
     total: int           # writes the spool held
     error: str | None    # why the first write that did not land failed
     restored: bool = False  # the experiment's rows had to be written again first
+    unreadable: int = 0     # lines cut short by a crash mid-write, moved to <spool>.unreadable
 
     @property
     def done(self) -> bool:
-        return self.sent == self.total
+        return self.sent + self.unreadable == self.total
 
     def __bool__(self) -> bool:  # "did the replay empty the spool?"
         return self.done
@@ -109,7 +110,7 @@ def replay_spool(registry, path: Path, restore: Callable[[], None] | None = None
     lines = _lines(path)
     if not lines:
         return ReplayResult(0, 0, None)
-    sent, error, restored = 0, None, []
+    sent, unreadable, error, restored = 0, 0, None, []
     for line in lines:
         try:
             entry = json.loads(line)
@@ -117,7 +118,7 @@ def replay_spool(registry, path: Path, restore: Callable[[], None] | None = None
             with open(path.with_name(path.name + ".unreadable"), "a", encoding="utf-8") as bad:
                 bad.write(line + "\n")
             print(f"warning: {path}: an unreadable spooled write moved to {path.name}.unreadable", file=sys.stderr)
-            sent += 1
+            unreadable += 1
             continue
         try:
             write_restoring(registry, entry["method"], entry["args"], entry["kwargs"], restore, restored)
@@ -125,14 +126,14 @@ def replay_spool(registry, path: Path, restore: Callable[[], None] | None = None
             error = f"{type(exc).__name__}: {exc}"
             break
         sent += 1
-    rest = lines[sent:]
+    rest = lines[sent + unreadable:]
     if rest:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("\n".join(rest) + "\n", encoding="utf-8")
         tmp.replace(path)
     else:
         path.unlink(missing_ok=True)
-    return ReplayResult(sent, len(lines), error, bool(restored))
+    return ReplayResult(sent, len(lines), error, bool(restored), unreadable)
 
 
 def _lines(path: Path) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 import re
@@ -13,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..io import sha256_of
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -68,14 +69,6 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     """Write step_<step>.pt atomically (temp file, fsync, rename) with its sha256 beside it, and keep only the
     newest `keep`."""
@@ -87,7 +80,7 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: i
         torch.save(payload, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    digest = file_sha256(tmp)
+    digest = sha256_of(tmp)
     os.replace(tmp, final)
     side_tmp = directory / f".{final.name}.sha256.tmp-{os.getpid()}"
     side_tmp.write_text(digest + "\n", encoding="ascii")
@@ -114,7 +107,7 @@ def verified_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
         expected = _digest_path(path).read_text(encoding="ascii").strip() if _digest_path(path).exists() else None
-        if expected is not None and file_sha256(path) != expected:
+        if expected is not None and sha256_of(path) != expected:
             raise CorruptCheckpoint("its sha256 differs from the one written with it")
         payload = load_checkpoint(path)
     except CorruptCheckpoint:

@@ -13,18 +13,25 @@ from pathlib import Path
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """Fields 3… of /proc/PID/stat (state first), or None if there is no such process. The command name
+    (field 2) is in parentheses and may hold spaces and parentheses: split after the last ')'."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def process_identity(pid: int | None = None) -> str | None:
     """'<boot id>:<start ticks>' of `pid` (default: this process), or None if it does not exist (or /proc
     is not there, e.g. macOS: then nothing is ever declared lost)."""
-    pid = os.getpid() if pid is None else pid
+    fields = stat_fields(os.getpid() if pid is None else pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         boot = _BOOT_ID.read_text().strip()
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
-    return f"{boot}:{fields[19]}"  # field 22 overall = index 19 after pid and comm
+    return None if fields is None else f"{boot}:{fields[19]}"  # field 22 overall = index 19 after pid and comm
 
 
 def is_alive(pid: int, identity: str | None) -> bool | None:
@@ -38,8 +45,8 @@ def is_alive(pid: int, identity: str | None) -> bool | None:
     if now is None:
         return False
     if now == identity:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")  # a zombie has ended; only its parent has not collected it yet
+        fields = stat_fields(pid)
+        return fields is not None and fields[0] not in ("Z", "X")  # a zombie has ended; its parent has not reaped it
     return False
 
 
