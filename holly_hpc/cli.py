@@ -17,17 +17,17 @@ from .spec import SpecError, load_spec
 from .sweep import expand
 
 DEFAULT_OUTPUT_ROOT = "runs"
-EXIT_FAILED = 1      # a task failed, or an error (one line on stderr)
-EXIT_CANCELLED = 3   # `submit --wait`: every task ended, some were cancelled, none failed
+EXIT_FAILED = 1  # a task failed, or an error (one line on stderr)
+EXIT_CANCELLED = 3  # `submit --wait`: every task ended, some were cancelled, none failed
 
 
 def _table(headers: list[str], rows: list[list], out=None) -> None:
     out = out or sys.stdout
     cells = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), file=out)
     for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
 def _duration(seconds: float | None) -> str:
@@ -64,8 +64,13 @@ def cmd_plan(args) -> int:
         print(json.dumps([{**t.to_json(), "out_dir": str(root / t.rel_dir)} for t in tasks], indent=2))
         return 0
     print(f"experiment {spec.experiment}: {len(tasks)} task(s) of kind {spec.resolved['kind']} -> {root}")
-    _table(["index", "task", "hash", "seed", "overrides", "output"],
-           [[t.index, t.task_id, t.config_hash[:8], t.seed, _overrides_text(t.overrides), root / t.rel_dir] for t in tasks])
+    _table(
+        ["index", "task", "hash", "seed", "overrides", "output"],
+        [
+            [t.index, t.task_id, t.config_hash[:8], t.seed, _overrides_text(t.overrides), root / t.rel_dir]
+            for t in tasks
+        ],
+    )
     return 0
 
 
@@ -81,8 +86,10 @@ def cmd_submit(args) -> int:
     exp = sub.experiment
     cluster = exp.launch["cluster"]
     succeeded = [i for i, why in sub.skipped.items() if why == "succeeded"]
-    print(f"experiment {exp.name}: {len(exp.plan['tasks'])} task(s), {len(sub.launched)} launched ({cluster}), "
-          f"{len(succeeded)} already succeeded")
+    print(
+        f"experiment {exp.name}: {len(exp.plan['tasks'])} task(s), {len(sub.launched)} launched ({cluster}), "
+        f"{len(succeeded)} already succeeded"
+    )
     for index, why in sorted(sub.skipped.items()):
         if why != "succeeded":
             print(f"task {index} not launched again: {why}")
@@ -104,8 +111,10 @@ def cmd_submit(args) -> int:
             print(f"ended in {elapsed} with {len(states) - states.count('succeeded')} task(s) not succeeded")
             code = EXIT_FAILED
         elif "cancelled" in states:
-            print(f"cancelled after {elapsed}: {states.count('cancelled')} task(s) cancelled, "
-                  f"{states.count('succeeded')} succeeded")
+            print(
+                f"cancelled after {elapsed}: {states.count('cancelled')} task(s) cancelled, "
+                f"{states.count('succeeded')} succeeded"
+            )
             code = EXIT_CANCELLED
         else:
             print(f"finished in {elapsed}")
@@ -132,9 +141,11 @@ def _registry_for(args, target: str | None):
 
 
 def _check_registry(registry) -> None:
-    if registry.url.startswith("sqlite:///") and not Path(registry.url[len("sqlite:///"):]).exists():
-        raise FileNotFoundError(f"no registry at {registry.url}: nothing submitted there yet "
-                                f"(pass --output-root or --registry, or an experiment folder)")
+    if registry.url.startswith("sqlite:///") and not Path(registry.url[len("sqlite:///") :]).exists():
+        raise FileNotFoundError(
+            f"no registry at {registry.url}: nothing submitted there yet "
+            f"(pass --output-root or --registry, or an experiment folder)"
+        )
 
 
 def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
@@ -148,8 +159,15 @@ def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
         if state == "running" and r.heartbeat is not None and now - r.heartbeat > STALE_AFTER_S:
             # Alive tasks report at least every flush interval; this one went silent (node failure?).
             state = f"lost?({_duration(now - r.heartbeat)} silent)"
-        row = [r.experiment, r.task_id, state, r.attempts, "-" if r.last_step is None else r.last_step,
-               "-" if r.last_loss is None else f"{r.last_loss:.4g}", _duration(r.elapsed(now))]
+        row = [
+            r.experiment,
+            r.task_id,
+            state,
+            r.attempts,
+            "-" if r.last_step is None else r.last_step,
+            "-" if r.last_loss is None else f"{r.last_loss:.4g}",
+            _duration(r.elapsed(now)),
+        ]
         if scheduler is not None:
             slurm_state = scheduler.get(r.job_id or "", "-")
             if state in ("pending", "running") and slurm_state in _ENDED_ON_SLURM:
@@ -162,8 +180,15 @@ def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
 STALE_AFTER_S = 600  # a running task that has not reported for this long is shown as lost
 
 # SLURM end states that mean a task the registry still calls pending/running will not report any more.
-_ENDED_ON_SLURM = {"CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed",
-                   "OUT_OF_MEMORY": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed"}
+_ENDED_ON_SLURM = {
+    "CANCELLED": "cancelled",
+    "FAILED": "failed",
+    "TIMEOUT": "failed",
+    "NODE_FAIL": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "BOOT_FAIL": "failed",
+    "DEADLINE": "failed",
+}
 
 
 def _slurm_states(runs, on_slurm: set[str]) -> dict[str, str] | None:
@@ -189,15 +214,23 @@ def cmd_status(args) -> int:
     if name and not runs:
         print(f"no runs of experiment '{name}' in {registry.url}", file=sys.stderr)
         return 1
-    lost = {(e, i) for e in {r.experiment for r in runs}
-            for i in reap_lost(registry, e, [r for r in runs if r.experiment == e])}
+    lost = {
+        (e, i)
+        for e in {r.experiment for r in runs}
+        for i in reap_lost(registry, e, [r for r in runs if r.experiment == e])
+    }
     if lost:  # processes of this machine that died without a word (SIGKILL, out of memory)
         runs = registry.runs(name)
         for experiment, index in sorted(lost):
-            print(f"note: task {index} of {experiment} was running but its process is gone: marked failed (lost)",
-                  file=sys.stderr)
-    on_slurm = {e.name for e in registry.experiments()
-                if (Path(e.experiment_dir) / PLAN).exists() and Experiment.load(e.experiment_dir).launch["cluster"] == "slurm"}
+            print(
+                f"note: task {index} of {experiment} was running but its process is gone: marked failed (lost)",
+                file=sys.stderr,
+            )
+    on_slurm = {
+        e.name
+        for e in registry.experiments()
+        if (Path(e.experiment_dir) / PLAN).exists() and Experiment.load(e.experiment_dir).launch["cluster"] == "slurm"
+    }
     _status_table(runs, _slurm_states(runs, on_slurm))
     return 0
 
@@ -220,12 +253,18 @@ def cmd_cancel(args) -> int:
     for s in stopped:
         if s.ended and now.get(s.task_index) in ("pending", "running", "cancelled"):
             registry.set_state(exp.name, s.task_index, "cancelled", f"holly-hpc cancel: {s.detail}")
-        state = now.get(s.task_index) if now.get(s.task_index) == "succeeded" else ("cancelled" if s.ended else "NOT stopped")
+        state = (
+            now.get(s.task_index)
+            if now.get(s.task_index) == "succeeded"
+            else ("cancelled" if s.ended else "NOT stopped")
+        )
         print(f"task {s.task_index}: {state}: {s.detail}")
     unverified = [s for s in stopped if not s.ended]
     done = len(stopped) - len(unverified)
-    print(f"cancelled {done} task(s) of {exp.name}" + (f"; {len(unverified)} could not be verified to end"
-                                                       if unverified else ""))
+    print(
+        f"cancelled {done} task(s) of {exp.name}"
+        + (f"; {len(unverified)} could not be verified to end" if unverified else "")
+    )
     return 1 if unverified else 0
 
 
@@ -249,8 +288,10 @@ def cmd_sbatch(args) -> int:
     sub, _ = prepare(args.spec, cluster="slurm", output_root=args.output_root, check=render, launcher_check=False)
     paths = write_scripts(scripts, sub.experiment)
     total = len(sub.experiment.tasks)
-    print(f"experiment {sub.experiment.name}: {total} task(s), "
-          f"{sum(why == 'succeeded' for why in sub.skipped.values())} already succeeded")
+    print(
+        f"experiment {sub.experiment.name}: {total} task(s), "
+        f"{sum(why == 'succeeded' for why in sub.skipped.values())} already succeeded"
+    )
     for path in paths:
         print(f"wrote {path}: submit it with  sbatch {path}")
     return 0
@@ -262,8 +303,11 @@ def _cluster_max_array_size() -> int:
     try:
         return max_array_size()
     except (SlurmError, OSError):
-        print("note: scontrol unavailable here; assuming SLURM's default MaxArraySize 1001 "
-              "(pass --max-array-size to change)", file=sys.stderr)
+        print(
+            "note: scontrol unavailable here; assuming SLURM's default MaxArraySize 1001 "
+            "(pass --max-array-size to change)",
+            file=sys.stderr,
+        )
         return 1001
 
 
@@ -293,9 +337,19 @@ def cmd_list(args) -> int:
     if args.since:
         since = _parse_since(args.since)
         exps = [e for e in exps if e.created >= since]
-    _table(["experiment", "created", "tasks"] + list(STATES) + ["folder"],
-           [[e.name, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)), sum(e.counts.values()),
-             *(e.counts.get(s, 0) for s in STATES), e.experiment_dir] for e in exps])
+    _table(
+        ["experiment", "created", "tasks", *list(STATES), "folder"],
+        [
+            [
+                e.name,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)),
+                sum(e.counts.values()),
+                *(e.counts.get(s, 0) for s in STATES),
+                e.experiment_dir,
+            ]
+            for e in exps
+        ],
+    )
     return 0
 
 
@@ -324,8 +378,12 @@ def cmd_runs(args) -> int:
     overrides = {t.index: t.overrides for t in exp.tasks}
     rows = []
     for r in registry.runs(exp.name):
-        row = {"task": r.task_id, "state": r.state, **{k: v for k, v in overrides.get(r.task_index, {}).items()},
-               **{f"metric:{k}": v for k, v in (r.final_metrics or {}).items()}}
+        row = {
+            "task": r.task_id,
+            "state": r.state,
+            **dict(overrides.get(r.task_index, {}).items()),
+            **{f"metric:{k}": v for k, v in (r.final_metrics or {}).items()},
+        }
         rows.append(row)
     if args.sort:
         key = args.sort if args.sort.startswith("metric:") or args.sort in ("task", "state") else f"metric:{args.sort}"
@@ -362,14 +420,39 @@ def cmd_show(args) -> int:
         return 1
     details = registry.experiment_details(exp.name) or {}
     report = {
-        "run": {"experiment": exp.name, "task": run.task_id, "index": run.task_index, "state": run.state,
-                "job_id": run.job_id, "last_step": run.last_step, "last_loss": run.last_loss, "error": run.error},
-        "paths": {"task_dir": run.out_dir, "experiment_dir": str(exp.root),
-                  "tensorboard": f"{run.out_dir}/tb", "outputs": f"{run.out_dir}/outputs.zarr", "final": f"{run.out_dir}/final"},
+        "run": {
+            "experiment": exp.name,
+            "task": run.task_id,
+            "index": run.task_index,
+            "state": run.state,
+            "job_id": run.job_id,
+            "last_step": run.last_step,
+            "last_loss": run.last_loss,
+            "error": run.error,
+        },
+        "paths": {
+            "task_dir": run.out_dir,
+            "experiment_dir": str(exp.root),
+            "tensorboard": f"{run.out_dir}/tb",
+            "outputs": f"{run.out_dir}/outputs.zarr",
+            "final": f"{run.out_dir}/final",
+        },
         "overrides": exp.task(run.task_index).overrides,
         "config": registry.run_config(exp.name, run.task_index),
-        "provenance": {k: details.get(k) for k in ("owner", "git_commit", "git_dirty", "holly_hpc_version", "torch_version",
-                                                    "python_version", "container_image", "container_digest", "spec_hash")},
+        "provenance": {
+            k: details.get(k)
+            for k in (
+                "owner",
+                "git_commit",
+                "git_dirty",
+                "holly_hpc_version",
+                "torch_version",
+                "python_version",
+                "container_image",
+                "container_digest",
+                "spec_hash",
+            )
+        },
         "attempts": registry.attempts(exp.name, run.task_index),
         "final_metrics": run.final_metrics,
     }
@@ -388,20 +471,35 @@ def cmd_registry(args) -> int:
         results = [(p, replay_spool(registry, p, restore)) for p in spools]
         sent, total = sum(r.sent for _, r in results), sum(r.total for _, r in results)
         left = [(p, r) for p, r in results if not r.done]
-        restored = " (the experiment's rows were missing: written again from its folder)" if any(r.restored for _, r in results) else ""
+        restored = (
+            " (the experiment's rows were missing: written again from its folder)"
+            if any(r.restored for _, r in results)
+            else ""
+        )
         unreadable = sum(r.unreadable for _, r in results)
         cut = f"; {unreadable} unreadable line(s) moved to *.unreadable" if unreadable else ""
-        print(f"replayed {sent} of {total} spooled write(s) from {len(spools)} spool file(s) into {registry.url}"
-              f"{restored}{cut}")
+        print(
+            f"replayed {sent} of {total} spooled write(s) from {len(spools)} spool file(s) into {registry.url}"
+            f"{restored}{cut}"
+        )
         for p, r in left:
-            print(f"kept {p}: {r.total - r.sent - r.unreadable} write(s) not written: {redact(r.error or '?')}",
-                  file=sys.stderr)
+            print(
+                f"kept {p}: {r.total - r.sent - r.unreadable} write(s) not written: {redact(r.error or '?')}",
+                file=sys.stderr,
+            )
         return 1 if left else 0
-    url = args.target or os.environ.get("HOLLY_REGISTRY_URL") or resolve_url(None, Path(args.output_root or DEFAULT_OUTPUT_ROOT))
+    url = (
+        args.target
+        or os.environ.get("HOLLY_REGISTRY_URL")
+        or resolve_url(None, Path(args.output_root or DEFAULT_OUTPUT_ROOT))
+    )
     registry = open_registry(url)
     applied = registry.migrate()
     versions = registry.schema_versions()
-    print(f"{registry.url}: schema version {versions[-1]}" + (f" (applied {', '.join(map(str, applied))})" if applied else " (up to date)"))
+    print(
+        f"{registry.url}: schema version {versions[-1]}"
+        + (f" (applied {', '.join(map(str, applied))})" if applied else " (up to date)")
+    )
     return 0
 
 
@@ -446,7 +544,9 @@ def _experiment_from(args, target: str) -> Experiment:
     _check_registry(registry)
     match = [e for e in registry.experiments() if e.name == target]
     if not match:
-        raise FileNotFoundError(f"no experiment folder or registered experiment named '{target}' (registry {registry.url})")
+        raise FileNotFoundError(
+            f"no experiment folder or registered experiment named '{target}' (registry {registry.url})"
+        )
     return Experiment.load(match[0].experiment_dir)
 
 
@@ -469,7 +569,9 @@ def cmd_eval(args) -> int:
     if exp is None:
         return 1
     metrics = evaluate_task(exp, index)
-    print(f"task {exp.task(index).task_id} at step {metrics.pop('step')}: outputs rewritten in {exp.task_dir(index) / 'final'}")
+    print(
+        f"task {exp.task(index).task_id} at step {metrics.pop('step')}: outputs rewritten in {exp.task_dir(index) / 'final'}"
+    )
     _table(["metric", "value"], [[k, f"{v:.6g}"] for k, v in metrics.items()])
     return 0
 
@@ -480,12 +582,24 @@ def cmd_embed(args) -> int:
     exp, index = _task_from(args)
     if exp is None:
         return 1
-    output = Path(args.output) if args.output else Path(args.input).with_name(Path(args.input).name + ".embeddings.zarr")
-    summary = embed_new_images(exp, index, Path(args.input), output, labels=args.labels, batch_size=args.batch_size,
-                               overwrite=args.overwrite, device=args.device,
-                               skip_bad=True if args.skip_bad else None)
-    print(f"{summary['embedded']} image(s) embedded, {summary['skipped']} skipped, dimension {summary['dim']}, "
-          f"checkpoint step {summary['step']}")
+    output = (
+        Path(args.output) if args.output else Path(args.input).with_name(Path(args.input).name + ".embeddings.zarr")
+    )
+    summary = embed_new_images(
+        exp,
+        index,
+        Path(args.input),
+        output,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        device=args.device,
+        skip_bad=True if args.skip_bad else None,
+    )
+    print(
+        f"{summary['embedded']} image(s) embedded, {summary['skipped']} skipped, dimension {summary['dim']}, "
+        f"checkpoint step {summary['step']}"
+    )
     print(f"embeddings: {summary['output']} (embeddings/embedding, index, id, label)")
     return 0
 
@@ -496,10 +610,13 @@ def cmd_sample(args) -> int:
     exp, index = _task_from(args)
     if exp is None:
         return 1
-    summary = sample_from_run(exp, index, args.n, args.code, args.seed, Path(args.output), overwrite=args.overwrite,
-                              device=args.device)
+    summary = sample_from_run(
+        exp, index, args.n, args.code, args.seed, Path(args.output), overwrite=args.overwrite, device=args.device
+    )
     fixed = ", ".join(f"{k}={v}" for k, v in summary["fixed"].items()) or "none"
-    print(f"{summary['images']} image(s) from checkpoint step {summary['step']} (fixed codes: {fixed}) -> {summary['output']}")
+    print(
+        f"{summary['images']} image(s) from checkpoint step {summary['step']} (fixed codes: {fixed}) -> {summary['output']}"
+    )
     return 0
 
 
@@ -531,7 +648,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM.")
+    parser = argparse.ArgumentParser(
+        prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check specs against the schema and semantic rules")
@@ -552,8 +671,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="one line per task: state, attempts, step, loss, elapsed")
-    p.add_argument("experiment", nargs="?", metavar="EXPERIMENT",
-                   help="experiment name, experiment folder or spec file (default: every experiment)")
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        metavar="EXPERIMENT",
+        help="experiment name, experiment folder or spec file (default: every experiment)",
+    )
     _lookup_options(p)
     p.set_defaults(func=cmd_status)
 
@@ -586,16 +709,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registry", help="registry maintenance: init, migrate, sync")
     p.add_argument("action", choices=["init", "migrate", "sync"])
-    p.add_argument("target", nargs="?", metavar="URL|EXPERIMENT",
-                   help="init/migrate: registry URL (default $HOLLY_REGISTRY_URL, then ./runs/registry.sqlite); sync: experiment")
+    p.add_argument(
+        "target",
+        nargs="?",
+        metavar="URL|EXPERIMENT",
+        help="init/migrate: registry URL (default $HOLLY_REGISTRY_URL, then ./runs/registry.sqlite); sync: experiment",
+    )
     _lookup_options(p)
     p.set_defaults(func=cmd_registry)
 
-    p = sub.add_parser("cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM) and wait until they end")
+    p = sub.add_parser(
+        "cancel", help="cancel an experiment's unfinished tasks (scancel on SLURM) and wait until they end"
+    )
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
     p.add_argument("--task", type=int, help="only this task index")
-    p.add_argument("--grace", type=float, default=60.0,
-                   help="seconds a task may take to checkpoint and stop before it is killed (default 60)")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        help="seconds a task may take to checkpoint and stop before it is killed (default 60)",
+    )
     _lookup_options(p)
     p.set_defaults(func=cmd_cancel)
 
@@ -619,27 +752,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder of images, zarr group (array 'images') or OME-Zarr image")
     p.add_argument("--output", help="zarr store to write (default: <input>.embeddings.zarr beside the input)")
     p.add_argument("--labels", default="none", help="labels of a folder input: none, folders, or a CSV file,label")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable images out (default: as the run's spec says)")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="leave unreadable images out (default: as the run's spec says)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output store")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default: the spec's train.embed_batch_size)")
+    p.add_argument(
+        "--batch-size", type=int, help="images per forward pass (default: the spec's train.embed_batch_size)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("sample", help="draw images from a trained generate (InfoGAN) task")
     _run_options(p)
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--code", action="append", default=[], metavar="NAME=VALUE",
-                   help="fix a code for every image, e.g. cat0=3 or cont1=-1.5 (repeatable)")
+    p.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="fix a code for every image, e.g. cat0=3 or cont1=-1.5 (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and of the codes left free")
     p.add_argument("--output", default="samples.png", help="a .png grid or a .zarr store (default samples.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the spec's device)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("bench", help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), "
-                                      "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers)")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), "
+        "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers)",
+    )
     p.add_argument("what", choices=["render", "train", "embed", "registry"])
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)")
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("reference", help="print the spec reference (markdown) generated from the schema")

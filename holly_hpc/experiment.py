@@ -41,8 +41,10 @@ def inside(root: Path, rel: str | Path) -> Path:
     for part in rel.parts:
         path = path / part
         if path.is_symlink():
-            raise UnsafePath(f"{path} is a symbolic link (to {os.readlink(path)}): refused, outputs stay inside "
-                             f"{root} (move the folder there instead, or set output_root to where it points)")
+            raise UnsafePath(
+                f"{path} is a symbolic link (to {os.readlink(path)}): refused, outputs stay inside "
+                f"{root} (move the folder there instead, or set output_root to where it points)"
+            )
     return path
 
 
@@ -94,13 +96,15 @@ class Experiment:
         return self.folder("submitit")
 
     @classmethod
-    def load(cls, root: str | Path) -> "Experiment":
+    def load(cls, root: str | Path) -> Experiment:
         root = Path(root).resolve()
         path = root / PLAN
         try:
             plan = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no plan here; is {root} an experiment folder made by 'holly-hpc submit'?") from None
+            raise FileNotFoundError(
+                f"{path}: no plan here; is {root} an experiment folder made by 'holly-hpc submit'?"
+            ) from None
         return cls(root, plan)
 
 
@@ -152,8 +156,11 @@ def planned(spec, tasks: list[Task], output_root: Path, registry_url: str) -> Ex
         old_ids = [t["task_id"] for t in old["tasks"]]
         new_ids = [t["task_id"] for t in plan["tasks"]]
         if old_ids != new_ids:
-            changed = [i for i in range(max(len(old_ids), len(new_ids)))
-                       if i >= len(old_ids) or i >= len(new_ids) or old_ids[i] != new_ids[i]]
+            changed = [
+                i
+                for i in range(max(len(old_ids), len(new_ids)))
+                if i >= len(old_ids) or i >= len(new_ids) or old_ids[i] != new_ids[i]
+            ]
             raise ExperimentMismatch(
                 f"{root} already holds experiment '{spec.experiment}' with different tasks "
                 f"({len(old_ids)} frozen, {len(new_ids)} now; task(s) {', '.join(map(str, changed[:10]))} differ). "
@@ -186,11 +193,20 @@ def register(registry, experiment: Experiment) -> None:
 
     text = (experiment.root / FROZEN_SPEC).read_text(encoding="utf-8")
     registry.upsert_experiment(experiment.name, text, spec_hash(text), str(experiment.root), provenance(experiment))
-    registry.upsert_runs(experiment.name, [
-        {"task_index": t.index, "task_id": t.task_id, "config": json.dumps(t.config, sort_keys=True),
-         "config_hash": t.config_hash, "seed": t.seed, "out_dir": str(experiment.root / t.rel_dir)}
-        for t in experiment.tasks
-    ])
+    registry.upsert_runs(
+        experiment.name,
+        [
+            {
+                "task_index": t.index,
+                "task_id": t.task_id,
+                "config": json.dumps(t.config, sort_keys=True),
+                "config_hash": t.config_hash,
+                "seed": t.seed,
+                "out_dir": str(experiment.root / t.rel_dir),
+            }
+            for t in experiment.tasks
+        ],
+    )
 
 
 def restore_registry(registry, experiment: Experiment) -> None:

@@ -26,7 +26,12 @@ from .spec_yaml import KeyPath, LoadedYaml, Problem, SpecError, format_path, loa
 __all__ = ["KeyPath", "LoadedYaml", "Problem", "Spec", "SpecError", "format_path", "load_spec", "load_yaml"]
 
 # Sections that describe the experiment, not one task: a sweep may not vary them.
-KIND_NAMES = ("pose", "reconstruct", "embed", "generate")  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
+KIND_NAMES = (
+    "pose",
+    "reconstruct",
+    "embed",
+    "generate",
+)  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
 EXPERIMENT_KEYS = ("experiment", "description", "output_root", "sweep", "launch", "registry", "resources", "container")
 
 
@@ -76,13 +81,11 @@ def effective_properties(schema: dict, instance: Any, root: dict | None = None) 
     props: dict[str, dict] = {}
     for name, sub in schema.get("properties", {}).items():
         props[name] = sub
-    for part in schema.get("allOf", []):
-        part = _resolve(part, root)
+    for conditional in schema.get("allOf", []):
+        part = _resolve(conditional, root)
         if "if" in part:
-            if jsonschema.Draft202012Validator(part["if"]).is_valid(instance):
-                part = _resolve(part.get("then", {}), root)
-            else:
-                part = _resolve(part.get("else", {}), root)
+            branch = "then" if jsonschema.Draft202012Validator(part["if"]).is_valid(instance) else "else"
+            part = _resolve(part.get(branch, {}), root)
         for name, sub in effective_properties(part, instance, root).items():
             # A later, more specific subschema (a kind's data section) refines the generic one.
             props[name] = {"allOf": [props[name], sub]} if name in props else sub
@@ -151,8 +154,15 @@ def apply_defaults(instance: Any, schema: dict | None = None, root: dict | None 
 
 
 # --------------------------------------------------------------------------------------- validation
-_TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
-               float: "a number", type(None): "nothing (null)"}
+_TYPE_NAMES = {
+    dict: "a mapping",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "nothing (null)",
+}
 
 
 def _describe(value: Any) -> str:
@@ -180,7 +190,7 @@ def _unknown_key_problems(error, loaded: LoadedYaml, path: KeyPath, instance: di
             continue
         hint = suggest(str(key), allowed)
         suggestion = f"; did you mean '{hint}'?" if hint else f"; allowed keys: {', '.join(allowed)}"
-        problems.append(loaded.problem(path + (key,), f"unknown key '{key}'{suggestion}", prefer_key=True))
+        problems.append(loaded.problem((*path, key), f"unknown key '{key}'{suggestion}", prefer_key=True))
     return problems
 
 
@@ -219,7 +229,7 @@ def schema_problems(loaded: LoadedYaml, instance: dict, path_map=None) -> list[P
         shown, mark_path = path_map(path) if path_map else (path, path)
         if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
             for p in _unknown_key_problems(error, loaded, mark_path, error.instance, instance):
-                problems.append(Problem(p.file, p.line, p.column, shown + p.path[len(mark_path):], p.message))
+                problems.append(Problem(p.file, p.line, p.column, shown + p.path[len(mark_path) :], p.message))
             continue
         if error.validator in ("if", "allOf"):
             continue  # their failing sub-errors are reported on their own
@@ -296,8 +306,13 @@ def load_spec(path: str | Path) -> Spec:
     if not problems:
         problems += _launch_problems(spec)
     swept = [tuple(k.split(".")) for section in ("grid", "zip") for k in ((data.get("sweep") or {}).get(section) or {})]
-    blocked = any(p.path and any(s[:len(p.path)] == p.path for s in swept) for p in problems)
-    if not sweep_problems and not blocked and data.get("kind") in KIND_NAMES and isinstance(data.get("experiment"), str):
+    blocked = any(p.path and any(s[: len(p.path)] == p.path for s in swept) for p in problems)
+    if (
+        not sweep_problems
+        and not blocked
+        and data.get("kind") in KIND_NAMES
+        and isinstance(data.get("experiment"), str)
+    ):
         problems += _task_problems(spec)
     if problems:
         raise SpecError(_in_file_order(problems))
@@ -316,16 +331,34 @@ def _launch_problems(spec: Spec) -> list[Problem]:
     r, cluster = spec.resolved["resources"], spec.resolved["launch"]["cluster"]
     problems = []
     if has_password(spec.resolved["registry"].get("url", "")):  # the message must not repeat the URL
-        problems.append(spec.loaded.problem(("registry", "url"), "contains a password, which would be frozen with the "
-                                            "spec: remove it and set PGPASSWORD or use ~/.pgpass"))
+        problems.append(
+            spec.loaded.problem(
+                ("registry", "url"),
+                "contains a password, which would be frozen with the "
+                "spec: remove it and set PGPASSWORD or use ~/.pgpass",
+            )
+        )
     if r["gpus_per_node"] > 0 and r["tasks_per_node"] != r["gpus_per_node"]:
-        problems.append(spec.loaded.problem(("resources", "tasks_per_node"),
-                        f"expected one process per GPU: tasks_per_node = gpus_per_node ({r['gpus_per_node']}), got {r['tasks_per_node']}"))
+        problems.append(
+            spec.loaded.problem(
+                ("resources", "tasks_per_node"),
+                f"expected one process per GPU: tasks_per_node = gpus_per_node ({r['gpus_per_node']}), got {r['tasks_per_node']}",
+            )
+        )
     if cluster != "slurm" and r["nodes"] > 1:
-        problems.append(spec.loaded.problem(("resources", "nodes"), f"expected 1 node with launch.cluster {cluster} (several nodes need slurm), got {r['nodes']}"))
+        problems.append(
+            spec.loaded.problem(
+                ("resources", "nodes"),
+                f"expected 1 node with launch.cluster {cluster} (several nodes need slurm), got {r['nodes']}",
+            )
+        )
     if cluster == "debug" and r["tasks_per_node"] > 1:
-        problems.append(spec.loaded.problem(("resources", "tasks_per_node"), "expected 1 with launch.cluster debug (it runs in the submitting process), got "
-                                            f"{r['tasks_per_node']}"))
+        problems.append(
+            spec.loaded.problem(
+                ("resources", "tasks_per_node"),
+                f"expected 1 with launch.cluster debug (it runs in the submitting process), got {r['tasks_per_node']}",
+            )
+        )
     return problems
 
 
@@ -339,30 +372,53 @@ def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
             where = ("sweep", section, dotted)
             top = dotted.split(".")[0]
             if top in EXPERIMENT_KEYS or top in ("kind",):
-                problems.append(loaded.problem(where, f"'{top}' is set once per experiment and cannot be swept", prefer_key=True))
+                problems.append(
+                    loaded.problem(where, f"'{top}' is set once per experiment and cannot be swept", prefer_key=True)
+                )
                 continue
             if property_schema(tuple(dotted.split(".")), data) is None:
                 candidates = sweepable_paths(data)
                 hint = suggest(dotted, candidates)
                 extra = f"; did you mean '{hint}'?" if hint else ""
-                problems.append(loaded.problem(where, f"'{dotted}' is not a key of a {data.get('kind')} spec{extra}", prefer_key=True))
+                problems.append(
+                    loaded.problem(
+                        where, f"'{dotted}' is not a key of a {data.get('kind')} spec{extra}", prefer_key=True
+                    )
+                )
     for dotted in set(grid) & set(zipped):
-        problems.append(loaded.problem(("sweep", "zip", dotted), f"'{dotted}' is swept in both grid and zip; use one", prefer_key=True))
+        problems.append(
+            loaded.problem(
+                ("sweep", "zip", dotted), f"'{dotted}' is swept in both grid and zip; use one", prefer_key=True
+            )
+        )
     keys = [*grid, *zipped]
     for dotted in keys:
         inside = [k for k in keys if dotted.startswith(k + ".")]
         if inside:
             section = "grid" if dotted in grid else "zip"
-            problems.append(loaded.problem(("sweep", section, dotted), f"'{dotted}' is inside '{inside[0]}', which is "
-                                           "swept too; sweep one of them", prefer_key=True))
+            problems.append(
+                loaded.problem(
+                    ("sweep", section, dotted),
+                    f"'{dotted}' is inside '{inside[0]}', which is swept too; sweep one of them",
+                    prefer_key=True,
+                )
+            )
     lengths = {k: len(v) for k, v in zipped.items()}
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{k}: {n}" for k, n in lengths.items())
-        problems.append(loaded.problem(("sweep", "zip"), f"zip lists must have equal lengths, got {detail}", prefer_key=True))
+        problems.append(
+            loaded.problem(("sweep", "zip"), f"zip lists must have equal lengths, got {detail}", prefer_key=True)
+        )
     tasks = math.prod(len(v) for v in grid.values()) * (min(lengths.values()) if lengths else 1) * sweep.get("seeds", 1)
     if tasks > sweep_mod.MAX_TASKS:
-        problems.append(loaded.problem(("sweep",), f"expands to {tasks:,} tasks; at most {sweep_mod.MAX_TASKS:,} per "
-                                       "experiment (split the sweep into several experiments)", prefer_key=True))
+        problems.append(
+            loaded.problem(
+                ("sweep",),
+                f"expands to {tasks:,} tasks; at most {sweep_mod.MAX_TASKS:,} per "
+                "experiment (split the sweep into several experiments)",
+                prefer_key=True,
+            )
+        )
     return problems
 
 
@@ -383,7 +439,7 @@ def sweepable_paths(data: dict) -> list[str]:
         for name, sub in props.items():
             if not prefix and (name in EXPERIMENT_KEYS or name == "kind"):
                 continue
-            walk(sub, node.get(name) if isinstance(node, dict) else None, prefix + (name,))
+            walk(sub, node.get(name) if isinstance(node, dict) else None, (*prefix, name))
 
     walk(root, data, ())
     return sorted(out)
@@ -426,8 +482,15 @@ def _semantic_problems(spec: Spec, config: dict, path_map) -> list[Problem]:
     if train.get("log_every", 0) > train.get("steps", 0):
         shown, mark = path_map(("train", "log_every"))
         line, col = spec.loaded.locate(mark)
-        problems.append(Problem(spec.loaded.file, line, col, shown,
-                                f"expected at most train.steps ({train['steps']}), got {train['log_every']}"))
+        problems.append(
+            Problem(
+                spec.loaded.file,
+                line,
+                col,
+                shown,
+                f"expected at most train.steps ({train['steps']}), got {train['log_every']}",
+            )
+        )
     try:
         found = get_kind(config["kind"]).check_config(config, spec.base_dir)
     except OSError as exc:  # a kind's file check the system refused: still a problem with a place

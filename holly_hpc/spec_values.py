@@ -29,8 +29,15 @@ def control_character(text: str) -> str | None:
     if not match:
         return None
     char = match.group()
-    names = {"\n": "line feed", "\r": "carriage return", "\x00": "NUL", "\x1b": "escape", "\x7f": "delete",
-             "\u2028": "line separator", "\u2029": "paragraph separator"}
+    names = {
+        "\n": "line feed",
+        "\r": "carriage return",
+        "\x00": "NUL",
+        "\x1b": "escape",
+        "\x7f": "delete",
+        "\u2028": "line separator",
+        "\u2029": "paragraph separator",
+    }
     return f"U+{ord(char):04X}" + (f" ({names[char]})" if char in names else "")
 
 
@@ -53,35 +60,49 @@ def value_problems(loaded: LoadedYaml) -> list[Problem]:
             seen.add(id(value))
             for key, item in value.items():
                 if not isinstance(key, str):
-                    problems.append(loaded.problem(path + (str(key),), f"expected a string key, got {type(key).__name__} "
-                                                                       f"{key!r} (quote it)", prefer_key=True))
+                    problems.append(
+                        loaded.problem(
+                            (*path, str(key)),
+                            f"expected a string key, got {type(key).__name__} {key!r} (quote it)",
+                            prefer_key=True,
+                        )
+                    )
                     continue
                 bad = control_character(key)
                 if bad:
-                    problems.append(loaded.problem(path + (key,), f"control character {bad} in a key: refused",
-                                                   prefer_key=True))
+                    problems.append(
+                        loaded.problem((*path, key), f"control character {bad} in a key: refused", prefer_key=True)
+                    )
                     continue
-                walk(item, path + (key,))
+                walk(item, (*path, key))
         elif isinstance(value, list):
             if id(value) in seen:
                 return
             seen.add(id(value))
             for i, item in enumerate(value):
-                walk(item, path + (i,))
+                walk(item, (*path, i))
         elif isinstance(value, str):
             bad = control_character(value)
             if bad:
-                problems.append(loaded.problem(path, f"control character {bad} in a string: refused (spec strings "
-                                                     "reach scripts, command lines, folder names and the registry; "
-                                                     "write text on one line, or fold it with '>-')"))
+                problems.append(
+                    loaded.problem(
+                        path,
+                        f"control character {bad} in a string: refused (spec strings "
+                        "reach scripts, command lines, folder names and the registry; "
+                        "write text on one line, or fold it with '>-')",
+                    )
+                )
         elif isinstance(value, bool):
             return
         elif isinstance(value, float):
             if not math.isfinite(value):
                 problems.append(loaded.problem(path, f"expected a finite number, got {value}"))
         elif isinstance(value, int) and abs(value) > MAX_INT:
-            problems.append(loaded.problem(path, f"expected an integer between -2^53 and 2^53, got one of "
-                                                 f"{value.bit_length()} bits"))
+            problems.append(
+                loaded.problem(
+                    path, f"expected an integer between -2^53 and 2^53, got one of {value.bit_length()} bits"
+                )
+            )
 
     walk(loaded.data, ())
     return problems

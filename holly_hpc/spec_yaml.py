@@ -18,9 +18,9 @@ import yaml
 
 KeyPath = tuple  # a key path into the spec: ("train", "lr"), ("sweep", "grid", "train.lr", 1)
 
-MAX_SPEC_BYTES = 1 << 20       # a spec is a page of settings; 1 MiB leaves room for long sweep lists
-MAX_DEPTH = 32                 # the deepest real spec nests 5 levels
-MAX_NODES = 100_000            # nodes after aliases are expanded (a 1,000 x 100 sweep is 100,000)
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of settings; 1 MiB leaves room for long sweep lists
+MAX_DEPTH = 32  # the deepest real spec nests 5 levels
+MAX_NODES = 100_000  # nodes after aliases are expanded (a 1,000 x 100 sweep is 100,000)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -93,10 +93,11 @@ class SpecLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except Exception as exc:  # noqa: BLE001 - PyYAML's constructors fail in many ways on values they cannot hold
+        except Exception as exc:
             reason = "more than 4300 digits" if "integer string conversion" in str(exc) else str(exc)
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read this {node.tag} value: {reason}",
-                                                    node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this {node.tag} value: {reason}", node.start_mark
+            ) from None
 
 
 SpecLoader.yaml_implicit_resolvers = {
@@ -120,7 +121,7 @@ class _Shape:
 
     def __init__(self, file: str):
         self.file = file
-        self.stack: list[dict] = []       # open collections: path, is_mapping, expecting_key, key, size, anchor
+        self.stack: list[dict] = []  # open collections: path, is_mapping, expecting_key, key, size, anchor
         self.anchor_size: dict[str, int] = {}
         self.open_anchors: set[str] = set()
         self.total = 0
@@ -141,8 +142,11 @@ class _Shape:
     def _count(self, event, nodes: int) -> None:
         self.total += nodes
         if self.total > MAX_NODES:
-            raise self.fail(event, f"the spec expands to more than {MAX_NODES:,} YAML nodes (aliases included): "
-                                   "refused, a spec that large is a mistake or an attack")
+            raise self.fail(
+                event,
+                f"the spec expands to more than {MAX_NODES:,} YAML nodes (aliases included): "
+                "refused, a spec that large is a mistake or an attack",
+            )
 
     def _attach(self, event, size: int) -> None:
         """A finished node of `size` expanded nodes becomes the next child of the innermost open collection."""
@@ -166,8 +170,17 @@ class _Shape:
             self._count(event, 1)
             if event.anchor:
                 self.open_anchors.add(event.anchor)
-            self.stack.append({"path": self.path(), "mapping": isinstance(event, yaml.MappingStartEvent),
-                               "expecting_key": True, "key": None, "items": 0, "size": 1, "anchor": event.anchor})
+            self.stack.append(
+                {
+                    "path": self.path(),
+                    "mapping": isinstance(event, yaml.MappingStartEvent),
+                    "expecting_key": True,
+                    "key": None,
+                    "items": 0,
+                    "size": 1,
+                    "anchor": event.anchor,
+                }
+            )
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             node = self.stack.pop()
             if node["anchor"]:
@@ -211,14 +224,32 @@ def load_yaml(path: str | Path) -> LoadedYaml:
     except OSError as exc:
         raise SpecError([Problem(str(path), None, None, (), f"cannot read spec: {exc.strerror or exc}")]) from exc
     if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError([Problem(str(path), None, None, (), f"the spec is {len(raw):,} bytes; refused above "
-                                                            f"{MAX_SPEC_BYTES:,} (is this the right file?)")])
+        raise SpecError(
+            [
+                Problem(
+                    str(path),
+                    None,
+                    None,
+                    (),
+                    f"the spec is {len(raw):,} bytes; refused above {MAX_SPEC_BYTES:,} (is this the right file?)",
+                )
+            ]
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line, col = _line_col(raw.decode("utf-8", errors="replace"), exc.start)
-        raise SpecError([Problem(str(path), line, col, (), f"not UTF-8 text: byte 0x{raw[exc.start]:02x} "
-                                                          "cannot be decoded (is this a binary file?)")]) from None
+        raise SpecError(
+            [
+                Problem(
+                    str(path),
+                    line,
+                    col,
+                    (),
+                    f"not UTF-8 text: byte 0x{raw[exc.start]:02x} cannot be decoded (is this a binary file?)",
+                )
+            ]
+        ) from None
     loaded = LoadedYaml(str(path), text, None)
     shape = _Shape(str(path))
     try:
@@ -228,8 +259,17 @@ def load_yaml(path: str | Path) -> LoadedYaml:
         try:
             node = loader.get_single_node()
             if node is None:
-                raise SpecError([Problem(str(path), 1, 1, (), "the spec is empty: expected a mapping with at least "
-                                                              "'experiment' and 'kind'")])
+                raise SpecError(
+                    [
+                        Problem(
+                            str(path),
+                            1,
+                            1,
+                            (),
+                            "the spec is empty: expected a mapping with at least 'experiment' and 'kind'",
+                        )
+                    ]
+                )
             duplicates: list[Problem] = []
             _record_marks(node, (), loaded, duplicates)
             if duplicates:
@@ -240,7 +280,7 @@ def load_yaml(path: str | Path) -> LoadedYaml:
     except yaml.YAMLError as exc:
         where = shape.path()
         if isinstance(exc, yaml.reader.ReaderError):  # found before any event: read up to the character
-            where = _path_before(str(path), text[:exc.position])
+            where = _path_before(str(path), text[: exc.position])
         elif isinstance(exc, yaml.constructor.ConstructorError) and exc.problem_mark is not None:
             # Raised after the event pass, at a value whose mark _record_marks has seen.
             at = (exc.problem_mark.line + 1, exc.problem_mark.column + 1)
@@ -254,7 +294,7 @@ def _path_before(file: str, head: str) -> KeyPath:
     shape = _Shape(file)
     try:
         for event in yaml.parse(head, Loader=SpecLoader):
-            if not head[event.start_mark.index:].strip():  # what the parser makes up at the cut (an empty value)
+            if not head[event.start_mark.index :].strip():  # what the parser makes up at the cut (an empty value)
                 break
             shape.feed(event)
     except (yaml.YAMLError, SpecError):
@@ -269,14 +309,21 @@ def _record_marks(node: yaml.Node, path: KeyPath, loaded: LoadedYaml, problems: 
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-            sub = path + (key,)
+            sub = (*path, key)
             line = key_node.start_mark.line + 1
             if key in seen and key != "<<":  # YAML merge keys may repeat
-                problems.append(Problem(loaded.file, line, key_node.start_mark.column + 1, sub,
-                                        f"duplicate key (first set on line {seen[key]})"))
+                problems.append(
+                    Problem(
+                        loaded.file,
+                        line,
+                        key_node.start_mark.column + 1,
+                        sub,
+                        f"duplicate key (first set on line {seen[key]})",
+                    )
+                )
             seen.setdefault(key, line)
             loaded.key_marks[sub] = (line, key_node.start_mark.column + 1)
             _record_marks(value_node, sub, loaded, problems)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _record_marks(item, path + (i,), loaded, problems)
+            _record_marks(item, (*path, i), loaded, problems)

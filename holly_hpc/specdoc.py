@@ -37,12 +37,14 @@ def _cell(text: str) -> str:
 
 def _rows(props: dict, root: dict, prefix: str, required: set) -> list[str]:
     rows = []
-    for name, sub in props.items():
-        sub = _resolve(sub, root)
+    for name, unresolved in props.items():
+        sub = _resolve(unresolved, root)
         default = json.dumps(sub["default"]) if "default" in sub and not isinstance(sub["default"], dict) else ""
         if name in required:
             default = "**required**"
-        rows.append(f"| `{prefix}{name}` | {_type_of(sub)} | {default} | {_cell(_constraints(sub))} | {_cell(sub.get('description', ''))} |")
+        rows.append(
+            f"| `{prefix}{name}` | {_type_of(sub)} | {default} | {_cell(_constraints(sub))} | {_cell(sub.get('description', ''))} |"
+        )
         if "properties" in sub:  # a nested section (data.simulate, ...): its keys follow it
             rows += _rows(sub["properties"], root, f"{prefix}{name}.", set(sub.get("required", [])))
     return rows
@@ -55,8 +57,14 @@ def _section(title: str, props: dict, root: dict, prefix: str, required=()) -> s
 
 def reference_markdown() -> str:
     root = load_schema()
-    out = ["<!-- generated from schemas/jobspec.schema.json by `python -m holly_hpc.specdoc` (or `holly-hpc reference`); tests/test_docs.py keeps it in sync -->\n"]
-    top = {k: v for k, v in root["properties"].items() if k not in ("data", "model", "train", "sweep", "launch", "registry")}
+    out = [
+        "<!-- generated from schemas/jobspec.schema.json by `python -m holly_hpc.specdoc` (or `holly-hpc reference`); tests/test_docs.py keeps it in sync -->\n"
+    ]
+    top = {
+        k: v
+        for k, v in root["properties"].items()
+        if k not in ("data", "model", "train", "sweep", "launch", "registry")
+    }
     out.append(_section("top level", top, root, "", root.get("required", [])))
     for name in ("sweep", "launch", "registry"):
         out.append(_section(name, _resolve(root["$defs"][name], root)["properties"], root, f"{name}."))

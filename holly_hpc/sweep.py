@@ -22,11 +22,15 @@ def override_sets(sweep: dict) -> list[Combination]:
     """The distinct combinations of swept values, in a fixed order (grid keys as written, then zip)."""
     grid = sweep.get("grid") or {}
     zipped = sweep.get("zip") or {}
-    grid_axes = [[(key, value, ("sweep", "grid", key, i)) for i, value in enumerate(values)] for key, values in grid.items()]
+    grid_axes = [
+        [(key, value, ("sweep", "grid", key, i)) for i, value in enumerate(values)] for key, values in grid.items()
+    ]
     zip_rows: list[list] = [[]]
     if zipped:
         length = len(next(iter(zipped.values())))
-        zip_rows = [[(key, values[i], ("sweep", "zip", key, i)) for key, values in zipped.items()] for i in range(length)]
+        zip_rows = [
+            [(key, values[i], ("sweep", "zip", key, i)) for key, values in zipped.items()] for i in range(length)
+        ]
     combos = []
     for grid_choice in itertools.product(*grid_axes):
         for row in zip_rows:
@@ -67,7 +71,7 @@ class Task:
         return {**asdict(self), "task_id": self.task_id, "rel_dir": self.rel_dir}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Task":
+    def from_json(cls, data: dict) -> Task:
         return cls(**{k: data[k] for k in ("index", "overrides", "replicate", "seed", "config", "config_hash")})
 
 

@@ -116,8 +116,14 @@ def postgres_server():
     """Debian's PostgreSQL 15 started by tests/services/postgres_up.sh. Under CI=true it must be there."""
     import subprocess
 
-    up = subprocess.run(["bash", str(REPO / "tests" / "services" / "postgres_up.sh")], capture_output=True, text=True,
-                        env={**os.environ, "HOLLY_PG_TEST_PASSWORD": PG_PASSWORD}, timeout=600)
+    up = subprocess.run(
+        ["bash", str(REPO / "tests" / "services" / "postgres_up.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOLLY_PG_TEST_PASSWORD": PG_PASSWORD},
+        timeout=600,
+        check=False,
+    )
     if up.returncode != 0:
         message = f"PostgreSQL unavailable: {up.stdout[-1500:]}{up.stderr[-1500:]}"
         if os.environ.get("CI") == "true":

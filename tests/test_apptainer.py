@@ -70,19 +70,43 @@ def versions(**changes):
 
 # ---------------------------------------------------------------------------------------- commands
 def test_command_minimal_without_gpus():
-    assert container_command({"image": "/img/holly.sif"}, gpus=False) == \
-        ["apptainer", "exec", "/img/holly.sif", "python"]
+    assert container_command({"image": "/img/holly.sif"}, gpus=False) == [
+        "apptainer",
+        "exec",
+        "/img/holly.sif",
+        "python",
+    ]
 
 
 def test_command_with_gpus_binds_and_env_in_order():
-    container = {"image": "/img/holly.sif", "binds": ["/data", "/scratch:/scratch", "/ref:/ref:ro"],
-                 "env": {"OMP_NUM_THREADS": 4, "HOLLY_DEBUG": True, "QUIET": False, "LR": 0.5, "NAME": "x y"}}
+    container = {
+        "image": "/img/holly.sif",
+        "binds": ["/data", "/scratch:/scratch", "/ref:/ref:ro"],
+        "env": {"OMP_NUM_THREADS": 4, "HOLLY_DEBUG": True, "QUIET": False, "LR": 0.5, "NAME": "x y"},
+    }
     assert container_command(container, gpus=True) == [
-        "apptainer", "exec", "--nv",
-        "--bind", "/data", "--bind", "/scratch:/scratch", "--bind", "/ref:/ref:ro",
-        "--env", "OMP_NUM_THREADS=4", "--env", "HOLLY_DEBUG=true", "--env", "QUIET=false",
-        "--env", "LR=0.5", "--env", "NAME=x y",
-        "/img/holly.sif", "python"]
+        "apptainer",
+        "exec",
+        "--nv",
+        "--bind",
+        "/data",
+        "--bind",
+        "/scratch:/scratch",
+        "--bind",
+        "/ref:/ref:ro",
+        "--env",
+        "OMP_NUM_THREADS=4",
+        "--env",
+        "HOLLY_DEBUG=true",
+        "--env",
+        "QUIET=false",
+        "--env",
+        "LR=0.5",
+        "--env",
+        "NAME=x y",
+        "/img/holly.sif",
+        "python",
+    ]
 
 
 def test_container_python_is_the_quoted_command():
@@ -93,9 +117,9 @@ def test_container_python_is_the_quoted_command():
 
 
 NASTY = {
-    "image": "/images/it's a \"sif\" $HOME;.sif",
-    "binds": ["/data/my dir/it's $HOME; rm -rf x:/in container:ro", "/a\"b`id`"],
-    "env": {"MSG": "say \"hi\" to $USER; echo `id` && exit 1 | cat > /tmp/x", "OPTS": "a=b c", "EMPTY": ""},
+    "image": '/images/it\'s a "sif" $HOME;.sif',
+    "binds": ["/data/my dir/it's $HOME; rm -rf x:/in container:ro", '/a"b`id`'],
+    "env": {"MSG": 'say "hi" to $USER; echo `id` && exit 1 | cat > /tmp/x', "OPTS": "a=b c", "EMPTY": ""},
 }
 
 
@@ -103,10 +127,21 @@ def test_nasty_values_survive_bash_as_one_argument_each(fake_apptainer):
     fake_apptainer(ECHO_ARGV)
     out = subprocess.run(["bash", "-c", container_python(NASTY, gpus=True)], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [
-        "exec", "--nv",
-        "--bind", "/data/my dir/it's $HOME; rm -rf x:/in container:ro", "--bind", "/a\"b`id`",
-        "--env", "MSG=say \"hi\" to $USER; echo `id` && exit 1 | cat > /tmp/x", "--env", "OPTS=a=b c", "--env", "EMPTY=",
-        "/images/it's a \"sif\" $HOME;.sif", "python"]
+        "exec",
+        "--nv",
+        "--bind",
+        "/data/my dir/it's $HOME; rm -rf x:/in container:ro",
+        "--bind",
+        '/a"b`id`',
+        "--env",
+        'MSG=say "hi" to $USER; echo `id` && exit 1 | cat > /tmp/x',
+        "--env",
+        "OPTS=a=b c",
+        "--env",
+        "EMPTY=",
+        '/images/it\'s a "sif" $HOME;.sif',
+        "python",
+    ]
 
 
 def test_submitit_command_line_reaches_apptainer_intact(fake_apptainer, tmp_path):
@@ -115,19 +150,39 @@ def test_submitit_command_line_reaches_apptainer_intact(fake_apptainer, tmp_path
     folder = tmp_path / "sub mit"
     executor = submitit.SlurmExecutor(folder=folder, python=container_python(NASTY, gpus=False))
     out = subprocess.run(["bash", "-c", executor._submitit_command_str], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == container_command(NASTY, gpus=False)[1:] + \
-        ["-u", "-m", "submitit.core._submit", str(folder)]
+    assert json.loads(out.stdout) == [
+        *container_command(NASTY, gpus=False)[1:],
+        "-u",
+        "-m",
+        "submitit.core._submit",
+        str(folder),
+    ]
 
 
-@pytest.mark.parametrize("container, message", [
-    ({}, "container.image: expected the path of a .sif image"),
-    ({"image": ""}, "container.image: expected the path of a .sif image"),
-    ({"image": "/i.sif", "binds": ["/a,/b"]}, "container.binds[0]: expected SRC[:DST[:OPTS]] without commas, got '/a,/b'"),
-    ({"image": "/i.sif", "env": {"L": [1]}}, "container.env.L: expected a string, number or boolean, got [1]"),
-    ({"image": "/i.sif", "env": {"V": "x,y=z"}}, "container.env.V: apptainer's --env cannot pass 'x,y=z' unchanged"),
-    ({"image": "/i.sif", "env": {"V": 'a="b"'}}, "container.env.V: apptainer's --env cannot pass 'a=\"b\"' unchanged"),
-    ({"image": "/i.sif", "env": {"V": '"quoted"'}}, "container.env.V: apptainer's --env cannot pass '\"quoted\"' unchanged"),
-])
+@pytest.mark.parametrize(
+    "container, message",
+    [
+        ({}, "container.image: expected the path of a .sif image"),
+        ({"image": ""}, "container.image: expected the path of a .sif image"),
+        (
+            {"image": "/i.sif", "binds": ["/a,/b"]},
+            "container.binds[0]: expected SRC[:DST[:OPTS]] without commas, got '/a,/b'",
+        ),
+        ({"image": "/i.sif", "env": {"L": [1]}}, "container.env.L: expected a string, number or boolean, got [1]"),
+        (
+            {"image": "/i.sif", "env": {"V": "x,y=z"}},
+            "container.env.V: apptainer's --env cannot pass 'x,y=z' unchanged",
+        ),
+        (
+            {"image": "/i.sif", "env": {"V": 'a="b"'}},
+            "container.env.V: apptainer's --env cannot pass 'a=\"b\"' unchanged",
+        ),
+        (
+            {"image": "/i.sif", "env": {"V": '"quoted"'}},
+            "container.env.V: apptainer's --env cannot pass '\"quoted\"' unchanged",
+        ),
+    ],
+)
 def test_command_refuses_what_apptainer_would_misread(container, message):
     with pytest.raises(ValueError) as info:
         container_command(container, gpus=False)
@@ -164,36 +219,44 @@ def test_preflight_no_apptainer_and_no_image_reports_both(tmp_path, monkeypatch)
     assert format_problems(problems) == (
         "container preflight: 2 problem(s)\n"
         "  apptainer: no 'apptainer' executable on PATH (on a cluster: module load apptainer)\n"
-        f"  image: {missing} does not exist (build it: see containers/README.md)")
+        f"  image: {missing} does not exist (build it: see containers/README.md)"
+    )
 
 
 def test_preflight_missing_image_does_not_run_the_probe(fake_apptainer, tmp_path):
-    exe = fake_apptainer("touch \"$(dirname \"$0\")/ran\"\n" + prints(versions()))
+    exe = fake_apptainer('touch "$(dirname "$0")/ran"\n' + prints(versions()))
     missing = str(tmp_path / "missing.sif")
     assert preflight({"image": missing}) == [
-        PreflightProblem("image", f"{missing} does not exist (build it: see containers/README.md)")]
+        PreflightProblem("image", f"{missing} does not exist (build it: see containers/README.md)")
+    ]
     assert not (exe.parent / "ran").exists()
 
 
 def test_preflight_image_that_is_a_directory(fake_apptainer, tmp_path):
     fake_apptainer(prints(versions()))
     assert preflight({"image": str(tmp_path)}) == [
-        PreflightProblem("image", f"{tmp_path} is not a regular file (expected a .sif image)")]
+        PreflightProblem("image", f"{tmp_path} is not a regular file (expected a .sif image)")
+    ]
 
 
 def test_preflight_bad_spec_is_a_problem_not_an_exception(fake_apptainer, image):
     fake_apptainer(prints(versions()))
     assert preflight({"image": image, "binds": ["/a,/b"]}) == [
-        PreflightProblem("container", "container.binds[0]: expected SRC[:DST[:OPTS]] without commas, got '/a,/b'")]
+        PreflightProblem("container", "container.binds[0]: expected SRC[:DST[:OPTS]] without commas, got '/a,/b'")
+    ]
 
 
 def test_preflight_python_minor_mismatch(fake_apptainer, image):
     major, minor = HOST_PY.split(".")[:2]
     other = f"{major}.{int(minor) + 1}.0"
     fake_apptainer(prints(versions(python=other)))
-    assert preflight({"image": image}) == [PreflightProblem(
-        "python", f"Python {other} in the image, {HOST_PY} on this host: "
-                  "submitit's pickles need the same major.minor version")]
+    assert preflight({"image": image}) == [
+        PreflightProblem(
+            "python",
+            f"Python {other} in the image, {HOST_PY} on this host: "
+            "submitit's pickles need the same major.minor version",
+        )
+    ]
 
 
 def test_preflight_python_patch_difference_is_fine(fake_apptainer, image):
@@ -205,13 +268,15 @@ def test_preflight_python_patch_difference_is_fine(fake_apptainer, image):
 def test_preflight_holly_hpc_mismatch(fake_apptainer, image):
     fake_apptainer(prints(versions(holly_hpc="0.0.1")))
     assert preflight({"image": image}) == [
-        PreflightProblem("holly_hpc", f"holly_hpc 0.0.1 in the image, {holly_hpc.__version__} on this host")]
+        PreflightProblem("holly_hpc", f"holly_hpc 0.0.1 in the image, {holly_hpc.__version__} on this host")
+    ]
 
 
 def test_preflight_torch_mismatch(fake_apptainer, image):
     fake_apptainer(prints(versions(torch="2.2.0+cu121")))
     assert preflight({"image": image}) == [
-        PreflightProblem("torch", f"torch 2.2.0+cu121 in the image, {torch.__version__} on this host")]
+        PreflightProblem("torch", f"torch 2.2.0+cu121 in the image, {torch.__version__} on this host")
+    ]
 
 
 @pytest.mark.parametrize("suffix", ["+cu121", "+cu126", "+cpu", ""])
@@ -225,21 +290,24 @@ def test_preflight_reports_every_mismatch_at_once(fake_apptainer, image):
     problems = preflight({"image": image})
     assert [p.what for p in problems] == ["python", "holly_hpc", "torch"]
     assert problems[1] == PreflightProblem(
-        "holly_hpc", f"holly_hpc cannot be imported in the image (host has {holly_hpc.__version__})")
+        "holly_hpc", f"holly_hpc cannot be imported in the image (host has {holly_hpc.__version__})"
+    )
 
 
 def test_preflight_module_missing_in_the_image(fake_apptainer, image):
     fake_apptainer(prints(versions(torch=None)))
     assert preflight({"image": image}) == [
-        PreflightProblem("torch", f"torch cannot be imported in the image (host has {torch.__version__})")]
+        PreflightProblem("torch", f"torch cannot be imported in the image (host has {torch.__version__})")
+    ]
 
 
 def test_probe_prints_null_for_a_missing_module(tmp_path):
     """PROBE itself, run by a Python that cannot import holly_hpc or torch: nulls, no traceback."""
     from holly_hpc.launch.apptainer import PROBE
 
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", PROBE], capture_output=True, text=True, cwd=tmp_path,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", PROBE], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"python": HOST_PY, "holly_hpc": None, "torch": None}
 
@@ -260,25 +328,31 @@ def test_preflight_nonzero_exit_without_stderr(fake_apptainer, image):
 
 
 def test_preflight_timeout_kills_the_probe(fake_apptainer, image, tmp_path):
-    fake_apptainer("echo 'INFO:    loading image' >&2\nsleep 30\necho done > \"$(dirname \"$0\")/finished\"\n")
+    fake_apptainer('echo \'INFO:    loading image\' >&2\nsleep 30\necho done > "$(dirname "$0")/finished"\n')
     started = time.monotonic()
     problems = preflight({"image": image}, timeout_s=0.5)
     assert time.monotonic() - started < 10  # not the 30 s of the sleep: the whole group was killed
-    assert problems == [PreflightProblem(
-        "container", "the probe did not finish within 0.5 s; stderr:\n    INFO:    loading image")]
+    assert problems == [
+        PreflightProblem("container", "the probe did not finish within 0.5 s; stderr:\n    INFO:    loading image")
+    ]
 
 
 def test_preflight_garbage_output(fake_apptainer, image):
     fake_apptainer("echo 'Segmentation fault (core dumped)'\necho 'WARNING: no GPU' >&2\n")
-    assert preflight({"image": image}) == [PreflightProblem(
-        "container", "the probe printed no version JSON (stdout: 'Segmentation fault (core dumped)'); "
-                     "stderr:\n    WARNING: no GPU")]
+    assert preflight({"image": image}) == [
+        PreflightProblem(
+            "container",
+            "the probe printed no version JSON (stdout: 'Segmentation fault (core dumped)'); "
+            "stderr:\n    WARNING: no GPU",
+        )
+    ]
 
 
 def test_preflight_json_that_is_not_an_object(fake_apptainer, image):
     fake_apptainer("echo '[1, 2]'\n")
-    assert preflight({"image": image}) == [PreflightProblem(
-        "container", "the probe printed no version JSON (stdout: '[1, 2]'); no stderr")]
+    assert preflight({"image": image}) == [
+        PreflightProblem("container", "the probe printed no version JSON (stdout: '[1, 2]'); no stderr")
+    ]
 
 
 def test_preflight_reads_the_last_line_after_banners(fake_apptainer, image):

@@ -16,8 +16,26 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_json_rows(capsys):
-    assert main(["--device", "cpu", "--sizes", "32", "--batch", "4", "--width", "4", "--steps", "2",
-                 "--warmup", "1", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "--sizes",
+                "32",
+                "--batch",
+                "4",
+                "--width",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     (row,) = json.loads(captured.out)
     assert {"model", "size", "batch", "images_per_s", "plain_images_per_s", "ratio_vs_plain"} <= set(row)

@@ -12,7 +12,7 @@ import torch
 
 from holly_hpc.bench.render import analytic_bytes, main, peak_bytes, run
 
-TINY = dict(batch=2, points=10, size=16, sigmas=[2.0], devices=["cpu"], repeats=1)
+TINY = {"batch": 2, "points": 10, "size": 16, "sigmas": [2.0], "devices": ["cpu"], "repeats": 1}
 TINY_ARGS = ["--batch", "2", "--points", "10", "--size", "16", "--sigmas", "2", "--devices", "cpu", "--repeats", "1"]
 KEYS = {"impl", "device", "batch", "points", "size", "sigma", "fwd_bwd_ms", "peak_mb"}
 
@@ -28,7 +28,7 @@ def test_rows_have_both_impls_with_the_requested_sizes():
 
 
 def test_json_prints_only_the_rows(capsys):
-    assert main(TINY_ARGS + ["--json"]) == 0
+    assert main([*TINY_ARGS, "--json"]) == 0
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
     assert [(r["impl"], set(r)) for r in rows] == [("fast", KEYS), ("reference", KEYS)]
@@ -39,8 +39,18 @@ def test_table_lists_both_impls_ratios_and_how_memory_was_measured(capsys):
     assert main(TINY_ARGS) == 0
     out = capsys.readouterr().out
     header, fast, reference = out.splitlines()[:3]
-    assert header.split() == ["impl", "device", "batch", "points", "size", "sigma", "fwd_bwd_ms", "peak_mb",
-                              "speedup", "mem_ratio"]
+    assert header.split() == [
+        "impl",
+        "device",
+        "batch",
+        "points",
+        "size",
+        "sigma",
+        "fwd_bwd_ms",
+        "peak_mb",
+        "speedup",
+        "mem_ratio",
+    ]
     assert fast.split()[0] == "fast" and fast.split()[-1].endswith("x")
     assert reference.split()[0] == "reference"
     assert "profile_memory=True" in out and "target: fast ≥ 10x less peak memory" in out
@@ -49,7 +59,7 @@ def test_table_lists_both_impls_ratios_and_how_memory_was_measured(capsys):
 def test_cuda_requested_without_cuda_is_an_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("cuda is available here")
-    assert main(TINY_ARGS[:-4] + ["--devices", "cuda", "--repeats", "1"]) == 2
+    assert main([*TINY_ARGS[:-4], "--devices", "cuda", "--repeats", "1"]) == 2
     assert "cuda" in capsys.readouterr().err
 
 

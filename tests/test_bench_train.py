@@ -6,8 +6,23 @@ import json
 
 
 def test_bench_train_json_rows(cli):
-    code, out, err = cli("bench", "train", "--image-size", "16", "--batch", "2", "--points", "10",
-                         "--steps", "2", "--warmup", "1", "--devices", "cpu", "--json")
+    code, out, err = cli(
+        "bench",
+        "train",
+        "--image-size",
+        "16",
+        "--batch",
+        "2",
+        "--points",
+        "10",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--devices",
+        "cpu",
+        "--json",
+    )
     assert code == 0, err
     (row,) = json.loads(out)
     assert row["device"] == "cpu" and row["image_size"] == 16 and row["batch"] == 2 and row["points"] == 10
@@ -16,8 +31,23 @@ def test_bench_train_json_rows(cli):
 
 
 def test_bench_render_through_the_cli(cli):
-    code, out, _ = cli("bench", "render", "--batch", "1", "--points", "3", "--size", "8", "--sigmas", "1.5",
-                       "--repeats", "1", "--devices", "cpu", "--json")
+    code, out, _ = cli(
+        "bench",
+        "render",
+        "--batch",
+        "1",
+        "--points",
+        "3",
+        "--size",
+        "8",
+        "--sigmas",
+        "1.5",
+        "--repeats",
+        "1",
+        "--devices",
+        "cpu",
+        "--json",
+    )
     assert code == 0
     rows = json.loads(out)
     assert {r["impl"] for r in rows} == {"fast", "reference"}

@@ -26,9 +26,13 @@ def test_keep_last_k_and_ignore_partial_writes(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_00000040.pt"
     assert load_checkpoint(latest_checkpoint(tmp_path)) == {"step": 40}
     # Pruned checkpoints take their digests with them.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_00000050.pt.tmp-123", "step_00000030.pt",
-                                                          "step_00000030.pt.sha256", "step_00000040.pt",
-                                                          "step_00000040.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".step_00000050.pt.tmp-123",
+        "step_00000030.pt",
+        "step_00000030.pt.sha256",
+        "step_00000040.pt",
+        "step_00000040.pt.sha256",
+    ]
 
 
 def test_no_checkpoint_in_missing_folder(tmp_path):

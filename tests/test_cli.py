@@ -25,8 +25,15 @@ SWEEP3 = {"sweep": {"grid": {"train.lr": [0.003, 0.001, 0.0003]}}}
 
 
 def _sh(*args, cwd=None, timeout=300):
-    return subprocess.run([*holly_hpc_exe(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env=env_for_subprocess(), timeout=timeout)
+    return subprocess.run(
+        [*holly_hpc_exe(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env_for_subprocess(),
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_validate_ok_and_errors(cli, write_spec):
@@ -48,7 +55,7 @@ def test_plan_shows_tasks_without_running(cli, write_spec, tmp_path):
     assert lines[0] == f"experiment tiny: 6 task(s) of kind pose -> {tmp_path / 'runs' / 'tiny'}"
     assert lines[1].split() == ["index", "task", "hash", "seed", "overrides", "output"]
     tasks = expand(load_spec(path))
-    for line, task in zip(lines[2:], tasks):
+    for line, task in zip(lines[2:], tasks, strict=True):
         cols = line.split()
         assert cols[:4] == [str(task.index), task.task_id, task.config_hash[:8], str(task.seed)]
         assert cols[4] == f"train.lr={json.dumps(task.overrides['train.lr'])}"
@@ -70,7 +77,10 @@ def test_local_array_of_three_succeeds_then_resubmission_skips_it(write_spec, tm
     reg = open_registry(exp.registry_url)
     runs = reg.runs("tiny")
     assert [(r.task_index, r.state, r.attempts, r.last_step) for r in runs] == [
-        (0, "succeeded", 1, 20), (1, "succeeded", 1, 20), (2, "succeeded", 1, 20)]
+        (0, "succeeded", 1, 20),
+        (1, "succeeded", 1, 20),
+        (2, "succeeded", 1, 20),
+    ]
     # Three local jobs of one array: distinct job ids recorded per attempt.
     for i in range(3):
         assert (exp.task_dir(i) / "final" / "metrics.json").exists()
@@ -89,7 +99,17 @@ def test_local_array_of_three_succeeds_then_resubmission_skips_it(write_spec, tm
     listing = _sh("list", "--output-root", tmp_path / "runs")
     assert listing.returncode == 0
     header, row = (line.split() for line in listing.stdout.splitlines())
-    assert header == ["experiment", "created", "tasks", "pending", "running", "succeeded", "failed", "cancelled", "folder"]
+    assert header == [
+        "experiment",
+        "created",
+        "tasks",
+        "pending",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "folder",
+    ]
     assert row[0] == "tiny" and row[3:] == ["3", "0", "0", "3", "0", "0", str(root)]
 
     logs = _sh("logs", root, "--task", "1")
@@ -115,8 +135,19 @@ def test_failed_task_is_recorded_and_resubmission_retries_it(cli, write_spec, tm
     reg.init()
     reg.upsert_experiment("tiny", "", "", str(root))
     t = exp.task(0)
-    reg.upsert_runs("tiny", [{"task_index": 0, "task_id": t.task_id, "config": "{}", "config_hash": t.config_hash,
-                              "seed": t.seed, "out_dir": str(exp.task_dir(0))}])
+    reg.upsert_runs(
+        "tiny",
+        [
+            {
+                "task_index": 0,
+                "task_id": t.task_id,
+                "config": "{}",
+                "config_hash": t.config_hash,
+                "seed": t.seed,
+                "out_dir": str(exp.task_dir(0)),
+            }
+        ],
+    )
     get_launcher("debug").launch(exp, [0])
     (run,) = reg.runs("tiny")
     assert run.state == "failed" and run.attempts == 1 and "shape.obj" in run.error
@@ -134,7 +165,7 @@ def test_resubmission_resumes_an_unfinished_task_from_its_checkpoint(cli, write_
     spec = load_spec(path)
     exp = freeze(spec, expand(spec), tmp_path / "runs", f"sqlite:///{tmp_path / 'runs' / 'registry.sqlite'}")
     run_task(exp, 0, stop_after_step=10, out=io.StringIO())  # a previous attempt that was cut off
-    code, out, _ = cli("submit", path)
+    code, _out, _ = cli("submit", path)
     assert code == 0
     reg = open_registry(exp.registry_url)
     (run,) = reg.runs("tiny")
@@ -179,7 +210,7 @@ def test_submitit_requeue_on_sigusr2_resumes_and_matches_an_uninterrupted_run(wr
     assert latest_checkpoint(ckpts) is not None
     # SIGUSR2 to the task process, as SLURM sends before a time limit or preemption. (submitit's
     # LocalJob._interrupt signals the local controller instead, which just dies of it.)
-    with sqlite3.connect(sub.registry.url[len("sqlite:///"):]) as db:
+    with sqlite3.connect(sub.registry.url[len("sqlite:///") :]) as db:
         (pid,) = db.execute("SELECT pid FROM attempts WHERE experiment = 'pre' AND attempt = 1").fetchone()
     os.kill(pid, signal.SIGUSR2)
     progress = io.StringIO()

@@ -28,8 +28,10 @@ def test_readme_commands_exist_and_ci_runs_the_readme_test_command():
     shown = set(re.findall(r"holly-hpc (\w+)", README))
     assert shown <= commands, shown - commands
     blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    setup, test = blocks[0].strip().splitlines(), [b for b in blocks if "pytest" in b][0].strip()
+    setup, test = blocks[0].strip().splitlines(), next(b for b in blocks if "pytest" in b).strip()
     ci = (REPO / ".ci" / "run").read_text()
     assert test in ci.splitlines()
     for line in setup:
         assert line in ci.splitlines(), line
+    style = next(b for b in blocks if "ruff" in b).strip()
+    assert style in ci.splitlines()

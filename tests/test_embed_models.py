@@ -36,13 +36,14 @@ def blob_images(count: int, channels: int, size: int, seed: int = 0) -> torch.Te
     coords = torch.arange(size, dtype=torch.float32)
     dy = (coords.view(size, 1) - centres[..., 0, None, None]) ** 2
     dx = (coords.view(1, size) - centres[..., 1, None, None]) ** 2
-    images = torch.exp(-(dx + dy) / (2 * widths ** 2)).sum(dim=2)
+    images = torch.exp(-(dx + dy) / (2 * widths**2)).sum(dim=2)
     return images / images.amax(dim=(-2, -1), keepdim=True)
 
 
 def folded(factory, **kwargs):
-    return lambda channels, size: ChannelFoldingWrapper(functools.partial(factory, image_size=size, **kwargs),
-                                                        channels=channels, consistency_weight=0.1)
+    return lambda channels, size: ChannelFoldingWrapper(
+        functools.partial(factory, image_size=size, **kwargs), channels=channels, consistency_weight=0.1
+    )
 
 
 FAMILIES = {
@@ -282,8 +283,7 @@ def test_reinitialisation_is_reproducible_with_a_generator():
 def test_vqvae_uses_several_codes_per_image():
     torch.manual_seed(0)
     x = blob_images(16, 1, 32)
-    model = VQVAE(18, 1, 32, codebook_size=32, code_dim=4, grid=4, width=8,
-                  generator=torch.Generator().manual_seed(0))
+    model = VQVAE(18, 1, 32, codebook_size=32, code_dim=4, grid=4, width=8, generator=torch.Generator().manual_seed(0))
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(5):
         optimiser.zero_grad()
@@ -304,12 +304,13 @@ def test_vqvae_uses_several_codes_per_image():
 
 
 def test_channel_folding_shares_one_model_and_concatenates_embeddings():
-    model = ChannelFoldingWrapper(functools.partial(AutoEncoder, 18, image_size=32, latent_dim=8, width=WIDTH),
-                                  channels=3, consistency_weight=0.5).eval()
+    model = ChannelFoldingWrapper(
+        functools.partial(AutoEncoder, 18, image_size=32, latent_dim=8, width=WIDTH), channels=3, consistency_weight=0.5
+    ).eval()
     x = blob_images(4, 3, 32)
     with torch.no_grad():
         out = model(x)
-        per_channel = [model.model(x[:, c:c + 1])["embedding"] for c in range(3)]
+        per_channel = [model.model(x[:, c : c + 1])["embedding"] for c in range(3)]
     assert out["embedding"].shape == (4, 3 * 8) and out["channel_embeddings"].shape == (4, 3, 8)
     torch.testing.assert_close(out["embedding"], torch.cat(per_channel, dim=1))
     assert out["loss_terms"]["consistency"] > 0
@@ -352,8 +353,7 @@ def test_normalise_per_channel_edge_cases():
     full = normalise_per_channel(x, low=0.0, high=100.0)
     torch.testing.assert_close(full.amin(dim=(-2, -1)), torch.zeros(1, 2))
     torch.testing.assert_close(full.amax(dim=(-2, -1)), torch.ones(1, 2))
-    assert torch.equal(normalise_per_channel(torch.full((1, 1, 8, 8), 7, dtype=torch.uint16)),
-                       torch.zeros(1, 1, 8, 8))
+    assert torch.equal(normalise_per_channel(torch.full((1, 1, 8, 8), 7, dtype=torch.uint16)), torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError):
         normalise_per_channel(x, low=60, high=40)
 

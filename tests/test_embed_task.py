@@ -45,11 +45,24 @@ from holly_hpc.sweep import expand
 
 EMBED_TINY = {
     "kind": "embed",
-    "data": {"source": "synthetic", "image_size": 32, "synthetic": {"count": 48, "classes": 2}, "eval_size": 8,
-             "split": {"val": 0.2, "test": 0.2}},
+    "data": {
+        "source": "synthetic",
+        "image_size": 32,
+        "synthetic": {"count": 48, "classes": 2},
+        "eval_size": 8,
+        "split": {"val": 0.2, "test": 0.2},
+    },
     "model": {"family": "vqvae", "width": 4, "grid": 2, "code_dim": 4, "codebook_size": 16},
-    "train": {"steps": 6, "batch_size": 8, "lr": 0.003, "log_every": 3, "checkpoint_every": 3,
-              "projector_images": 20, "eval_folds": 2, "embed_batch_size": 16},
+    "train": {
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 0.003,
+        "log_every": 3,
+        "checkpoint_every": 3,
+        "projector_images": 20,
+        "eval_folds": 2,
+        "embed_batch_size": 16,
+    },
 }
 
 
@@ -70,8 +83,12 @@ def _experiment(write_spec, tmp_path, name: str, changes: dict | None = None, se
     from .conftest import TINY, deep_update
 
     # TINY's launch and resources, the embed kind's own data, model and train sections
-    base = {**{k: v for k, v in TINY.items() if k not in ("data", "model", "train")}, "experiment": name,
-            "output_root": str(tmp_path / "runs"), **(sections or EMBED_TINY)}
+    base = {
+        **{k: v for k, v in TINY.items() if k not in ("data", "model", "train")},
+        "experiment": name,
+        "output_root": str(tmp_path / "runs"),
+        **(sections or EMBED_TINY),
+    }
     raw = yaml.safe_dump(deep_update(base, changes or {}), sort_keys=False)
     spec = load_spec(write_spec(raw=raw, name=f"{name}.yaml"))
     return freeze(spec, expand(spec), tmp_path / "runs", f"sqlite:///{tmp_path / 'runs' / 'registry.sqlite'}")
@@ -98,7 +115,9 @@ def _dna_spots(dna: np.ndarray) -> tuple[int, int, int]:
 
     bright = dna > BACKGROUND + 0.35 * (dna.max() - BACKGROUND)
     smooth = ndimage.gaussian_filter(dna, 1.0)  # peaks of nuclei, not of shot noise
-    peaks = (smooth == ndimage.maximum_filter(smooth, size=5)) & (smooth > BACKGROUND + 0.3 * (smooth.max() - BACKGROUND))
+    peaks = (smooth == ndimage.maximum_filter(smooth, size=5)) & (
+        smooth > BACKGROUND + 0.3 * (smooth.max() - BACKGROUND)
+    )
     return int(bright.sum()), int(peaks.sum()), ndimage.label(ndimage.binary_opening(bright))[1]
 
 
@@ -132,7 +151,7 @@ def test_infected_red_cells_are_reproducible_and_name_their_stages():
     cells = InfectedRedCells(8, 32, classes=3, seed=4)
     assert cells.labels == ["uninfected", "ring", "trophozoite"] * 2 + ["uninfected", "ring"]
     np.testing.assert_array_equal(cells.read(7), InfectedRedCells(8, 32, classes=3, seed=4).read(7))
-    with pytest.raises(ValueError, match="infected_rbc has 2 to 4 classes .*schizont"):
+    with pytest.raises(ValueError, match=r"infected_rbc has 2 to 4 classes .*schizont"):
         InfectedRedCells(8, 32, classes=1)
 
 
@@ -141,12 +160,18 @@ def test_the_spec_chooses_the_generated_dataset_by_name(write_spec):
     with pytest.raises(SpecError) as err:
         load_spec(path)
     assert "e.yaml:5:14: data.synthetic.dataset" in str(err.value) and "infected_rbc" in str(err.value)
-    data = apply_defaults({"experiment": "e", "kind": "embed",
-                           "data": {"synthetic": {"dataset": "infected_rbc", "count": 6, "classes": 3}}})["data"]
+    data = apply_defaults(
+        {
+            "experiment": "e",
+            "kind": "embed",
+            "data": {"synthetic": {"dataset": "infected_rbc", "count": 6, "classes": 3}},
+        }
+    )["data"]
     collection = make_collection(data, seed=0, base_dir=Path("."))
     assert isinstance(collection, InfectedRedCells) and collection.labels[:3] == list(STAGE_NAMES[:3])
-    assert isinstance(make_collection(apply_defaults({"experiment": "e", "kind": "embed"})["data"], 0, Path(".")),
-                      SyntheticCells)  # the default dataset
+    assert isinstance(
+        make_collection(apply_defaults({"experiment": "e", "kind": "embed"})["data"], 0, Path(".")), SyntheticCells
+    )  # the default dataset
 
 
 def test_fit_to_size_crops_centred_and_pads_around():
@@ -154,7 +179,11 @@ def test_fit_to_size_crops_centred_and_pads_around():
     cropped = fit_to_size(image, 4)
     assert torch.equal(cropped, image[:, 1:5, 2:6])
     padded = fit_to_size(image[:, :3, :3], 5)
-    assert padded.shape == (2, 5, 5) and torch.equal(padded[:, 1:4, 1:4], image[:, :3, :3]) and padded[:, 0].abs().sum() == 0
+    assert (
+        padded.shape == (2, 5, 5)
+        and torch.equal(padded[:, 1:4, 1:4], image[:, :3, :3])
+        and padded[:, 0].abs().sum() == 0
+    )
 
 
 def test_splits_depend_on_the_id_only():
@@ -171,12 +200,14 @@ def test_training_batches_are_a_pure_function_of_the_step_and_cover_each_epoch()
     batch = 8
     steps = -(-len(train) // batch) * 2
     seen = np.concatenate([dataset.train_indices(s, batch) for s in range(steps)])
-    first_epoch = seen[:len(train)]
+    first_epoch = seen[: len(train)]
     assert sorted(first_epoch) == sorted(train)  # every training image once per epoch
     again = EmbedDataset(SyntheticCells(48, 32, 2, 0), config["data"], seed=3)
     np.testing.assert_array_equal(again.train_indices(5, batch), dataset.train_indices(5, batch))
-    assert not np.array_equal(EmbedDataset(SyntheticCells(48, 32, 2, 0), config["data"], seed=4).train_indices(0, batch),
-                              dataset.train_indices(0, batch))
+    assert not np.array_equal(
+        EmbedDataset(SyntheticCells(48, 32, 2, 0), config["data"], seed=4).train_indices(0, batch),
+        dataset.train_indices(0, batch),
+    )
     assert set(seen) <= set(train)
 
 
@@ -243,8 +274,16 @@ def test_shape_reindexing_is_a_symmetric_permutation():
 
 
 # ------------------------------------------------------------------------------------------ models
-@pytest.mark.parametrize("family,mode,dim", [("ae", "joint", 6), ("vae", "joint", 6), ("vqvae", "joint", 4 * 2 * 2),
-                                             ("vae", "fold", 2 * 6), ("vqvae", "fold", 2 * 4 * 2 * 2)])
+@pytest.mark.parametrize(
+    "family,mode,dim",
+    [
+        ("ae", "joint", 6),
+        ("vae", "joint", 6),
+        ("vqvae", "joint", 4 * 2 * 2),
+        ("vae", "fold", 2 * 6),
+        ("vqvae", "fold", 2 * 4 * 2 * 2),
+    ],
+)
 def test_build_model_gives_every_family_and_channel_mode(family, mode, dim):
     config = _config({"model": {"family": family, "channel_mode": mode, "latent_dim": 6, "beta": 4.0}})
     model = build_model(config["model"], channels=2, image_size=32, seed=0)
@@ -261,8 +300,11 @@ def test_build_model_gives_every_family_and_channel_mode(family, mode, dim):
 
 
 def test_schema_and_semantic_checks_name_the_key(write_spec, tmp_path):
-    path = write_spec(raw="experiment: bad\nkind: embed\ndata:\n  source: folder\n  folder:\n    path: nowhere\n"
-                          "model:\n  family: shape\n  channel_mode: fold\n  latnet_dim: 8\n", name="bad.yaml")
+    path = write_spec(
+        raw="experiment: bad\nkind: embed\ndata:\n  source: folder\n  folder:\n    path: nowhere\n"
+        "model:\n  family: shape\n  channel_mode: fold\n  latnet_dim: 8\n",
+        name="bad.yaml",
+    )
     with pytest.raises(SpecError) as err:
         load_spec(path)
     assert "bad.yaml:10:3: model.latnet_dim" in str(err.value) and "latent_dim" in str(err.value)  # did you mean
@@ -296,8 +338,9 @@ def test_training_writes_embeddings_equal_to_the_checkpoint_encoder_output(write
         with torch.no_grad():
             expected = model(items)
         np.testing.assert_allclose(stored, expected["embedding"].numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(group[f"embeddings/{split}/features"][:], expected["features"].numpy(),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            group[f"embeddings/{split}/features"][:], expected["features"].numpy(), rtol=1e-5, atol=1e-6
+        )
         assert list(group[f"embeddings/{split}/id"][:]) == [f"synthetic/{i}" for i in index]
         assert list(group[f"embeddings/{split}/label"][:]) == [kind.dataset.labels[i] for i in index]
         total += len(index)
@@ -310,9 +353,16 @@ def test_training_writes_embeddings_equal_to_the_checkpoint_encoder_output(write
     assert report["embedding"]["dim"] == 16 and report["embedding"]["baseline"]["name"] == "pca16"
     # encoder features: 8 x width = 32 wide, a PCA baseline capped by the 24 training images of a fold
     assert report["features"]["dim"] == 32 and report["features"]["baseline"]["name"] == "pca24"
-    for key in ("eval_logreg_balanced_accuracy", "eval_forest_macro_f1", "baseline_logreg_balanced_accuracy",
-                "features_logreg_balanced_accuracy", "features_baseline_forest_macro_f1",
-                "eval_perplexity", "eval_codes_used", "eval_recon"):
+    for key in (
+        "eval_logreg_balanced_accuracy",
+        "eval_forest_macro_f1",
+        "baseline_logreg_balanced_accuracy",
+        "features_logreg_balanced_accuracy",
+        "features_baseline_forest_macro_f1",
+        "eval_perplexity",
+        "eval_codes_used",
+        "eval_recon",
+    ):
         assert key in final and np.isfinite(final[key]), key
     assert (task_dir / "final" / "inputs_vs_reconstructions.png").stat().st_size > 0
     # TensorBoard: projector with labels and thumbnails, codebook histogram, losses
@@ -379,8 +429,19 @@ def test_holly_hpc_embed_embeds_new_images_with_the_trained_model(write_spec, tm
     code, stdout, stderr = cli("embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--output", out)
     assert code == 1 and "broken.tif" in stderr and not out.exists()  # the run says fail: nothing written
 
-    code, stdout, stderr = cli("embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--output", out,
-                               "--labels", "folders", "--skip-bad")
+    code, stdout, stderr = cli(
+        "embed",
+        exp.root,
+        "--task",
+        "0",
+        "--input",
+        tmp_path / "new",
+        "--output",
+        out,
+        "--labels",
+        "folders",
+        "--skip-bad",
+    )
     assert code == 0, stderr
     assert "7 image(s) embedded" in stdout and "1 skipped" in stdout
     group = zarr.open_group(str(out), mode="r")
@@ -391,8 +452,11 @@ def test_holly_hpc_embed_embeds_new_images_with_the_trained_model(write_spec, tm
     model = build_model(config["model"], 2, 32, config["seed"])
     model.load_state_dict(payload["kind"]["model"])
     model.eval()
-    dataset = EmbedDataset(FolderCollection(tmp_path / "new", labels="folders", on_bad="skip"),
-                           {**config["data"], "split": {"val": 0.0, "test": 0.0}}, 0)
+    dataset = EmbedDataset(
+        FolderCollection(tmp_path / "new", labels="folders", on_bad="skip"),
+        {**config["data"], "split": {"val": 0.0, "test": 0.0}},
+        0,
+    )
     with torch.no_grad():
         expected = model(dataset.load(range(7))[0])["embedding"].numpy()
     np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-6)
@@ -405,10 +469,15 @@ def test_holly_hpc_embed_embeds_new_images_with_the_trained_model(write_spec, tm
 
 
 def test_shape_family_trains_on_cell_masks_and_is_probed_against_region_properties(write_spec, tmp_path):
-    exp = _experiment(write_spec, tmp_path, "shapes", {
-        "data": {"synthetic": {"count": 40, "classes": 2}},
-        "model": {"family": "shape", "latent_dim": 5, "shape": {"points": 24, "normalise_scale": True}},
-    })
+    exp = _experiment(
+        write_spec,
+        tmp_path,
+        "shapes",
+        {
+            "data": {"synthetic": {"count": 40, "classes": 2}},
+            "model": {"family": "shape", "latent_dim": 5, "shape": {"points": 24, "normalise_scale": True}},
+        },
+    )
     assert run_task(exp, 0, out=io.StringIO()).completed
     task_dir = exp.task_dir(0)
     group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")
@@ -458,8 +527,12 @@ def test_the_kind_trains_from_zarr_and_ome_zarr(write_spec, tmp_path, source):
         mosaic = stack.reshape(3, 4, 2, 32, 32).transpose(2, 0, 3, 1, 4).reshape(2, 96, 128)  # a 3x4 tile mosaic
         write_ome_zarr(tmp_path / "cells.ome.zarr", mosaic, axes="cyx", version="0.5")
         data = {"source": "ome_zarr", "ome_zarr": {"path": "cells.ome.zarr"}}
-    exp = _experiment(write_spec, tmp_path, f"from-{source}", {"data": {**data, "eval_size": 4},
-                                                               "train": {"steps": 3, "log_every": 3}})
+    exp = _experiment(
+        write_spec,
+        tmp_path,
+        f"from-{source}",
+        {"data": {**data, "eval_size": 4}, "train": {"steps": 3, "log_every": 3}},
+    )
     kind = EmbedTask(exp.task(0).config, torch.device("cpu"), exp.spec_dir)
     assert len(kind.dataset.collection) == 12 and kind.channels == 2
     first, _ = kind.dataset.load([0])

@@ -89,6 +89,8 @@ def test_axial_error_measures_axis_tilt(seed, tilt):
 
 
 def test_geodesic_angle_of_known_rotations():
-    assert math.isclose(geodesic_angle_deg(_rot_z(0.0)[None], _rot_z(math.radians(30))[None]).item(), 30.0, abs_tol=1e-6)
+    assert math.isclose(
+        geodesic_angle_deg(_rot_z(0.0)[None], _rot_z(math.radians(30))[None]).item(), 30.0, abs_tol=1e-6
+    )
     q = torch.tensor([[math.cos(math.pi / 4), math.sin(math.pi / 4), 0.0, 0.0]], dtype=torch.float64)
     assert torch.allclose(quaternion_to_matrix(q)[0], _rot_x(math.pi / 2), atol=1e-12)

@@ -35,13 +35,22 @@ from holly_hpc.sweep import expand
 from .conftest import env_for_subprocess, holly_hpc_exe, wait_for
 
 # A local task that trains until stopped, reporting every log (flush 0) and checkpointing often.
-LONG = {"train": {"steps": 200000, "log_every": 10, "checkpoint_every": 50, "keep_checkpoints": 2},
-        "registry": {"flush_seconds": 0}, "launch": {"cluster": "local", "array_parallelism": 1, "threads": 1}}
+LONG = {
+    "train": {"steps": 200000, "log_every": 10, "checkpoint_every": 50, "keep_checkpoints": 2},
+    "registry": {"flush_seconds": 0},
+    "launch": {"cluster": "local", "array_parallelism": 1, "threads": 1},
+}
 
 
 def _sh(*args, timeout=300):
-    return subprocess.run([*holly_hpc_exe(), *map(str, args)], capture_output=True, text=True,
-                          env=env_for_subprocess(), timeout=timeout)
+    return subprocess.run(
+        [*holly_hpc_exe(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env_for_subprocess(),
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _registry(root: Path):
@@ -86,9 +95,16 @@ def _hacked(exp: Experiment, **resources) -> Experiment:
     return Experiment(exp.root, plan)
 
 
-@pytest.mark.parametrize("resources", [{"partition": "debug\ntouch /tmp/x\n#"}, {"account": "a\rb"},
-                                       {"extra": {"mail-type": "END\n#"}}, {"extra": {"x\nrm -rf ~": True}},
-                                       {"mem": "4G\u2028"}])
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {"partition": "debug\ntouch /tmp/x\n#"},
+        {"account": "a\rb"},
+        {"extra": {"mail-type": "END\n#"}},
+        {"extra": {"x\nrm -rf ~": True}},
+        {"mem": "4G\u2028"},
+    ],
+)
 def test_no_directive_with_a_control_character_is_written(write_spec, tmp_path, resources):
     exp = _hacked(_frozen(write_spec, tmp_path), **resources)
     with pytest.raises(UnsafeDirective, match="control character"):
@@ -102,7 +118,9 @@ def test_no_directive_with_a_control_character_is_written(write_spec, tmp_path, 
 def test_no_script_line_breaks_for_a_name_or_folder(write_spec, tmp_path):
     exp = _frozen(write_spec, tmp_path)
     with pytest.raises(UnsafeDirective):
-        render_scripts(Experiment(exp.root, {**exp.plan, "experiment": "x\ntouch /tmp/pwned"}), [0], tmp_path / "a.sbatch", 10)
+        render_scripts(
+            Experiment(exp.root, {**exp.plan, "experiment": "x\ntouch /tmp/pwned"}), [0], tmp_path / "a.sbatch", 10
+        )
     with pytest.raises(UnsafeDirective):
         render_scripts(exp, [0], tmp_path / "a\nb.sbatch", 10)
     with pytest.raises(UnsafeDirective):  # the folder submitit writes into #SBATCH --output
@@ -112,8 +130,10 @@ def test_no_script_line_breaks_for_a_name_or_folder(write_spec, tmp_path):
 @pytest.mark.parametrize("command", ["sbatch", "submit"])
 def test_a_newline_in_a_resource_is_refused_before_anything_is_written(write_spec, tmp_path, command):
     marker = tmp_path / "pwned"
-    path = write_spec(raw=f'experiment: x\nkind: pose\nresources:\n  partition: "debug\\ntouch {marker}\\n#"\n'
-                          f"output_root: {tmp_path / 'runs'}\nlaunch: {{cluster: slurm}}\n")
+    path = write_spec(
+        raw=f'experiment: x\nkind: pose\nresources:\n  partition: "debug\\ntouch {marker}\\n#"\n'
+        f"output_root: {tmp_path / 'runs'}\nlaunch: {{cluster: slurm}}\n"
+    )
     done = _sh(command, path, *(["-o", tmp_path / "x.sbatch"] if command == "sbatch" else []))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"{path}:4:14: resources.partition: control character U+000A (line feed)" in done.stderr
@@ -124,7 +144,7 @@ def test_a_newline_in_a_resource_is_refused_before_anything_is_written(write_spe
 @pytest.mark.parametrize("name", ["..", "../escape", "/etc/cron.d/x", "a/b", ".hidden", "x\n"])
 def test_experiment_names_cannot_leave_the_output_root(write_spec, name):
     path = write_spec({"experiment": name})
-    with pytest.raises(Exception, match="experiment: expected a string matching|experiment: control character"):
+    with pytest.raises(Exception, match=r"experiment: expected a string matching|experiment: control character"):
         load_spec(path)
 
 
@@ -183,8 +203,10 @@ def test_lock_and_spool_files_are_not_written_through_a_planted_link(tmp_path):
 
 # ----------------------------------------------------------------------- nothing frozen before checks
 def test_a_refused_submission_freezes_and_registers_nothing(write_spec, tmp_path):
-    done = _sh("submit", write_spec(raw=f"experiment: inf\nkind: pose\nresources: {{time: .inf}}\n"
-                                        f"output_root: {tmp_path / 'runs'}\n"))
+    done = _sh(
+        "submit",
+        write_spec(raw=f"experiment: inf\nkind: pose\nresources: {{time: .inf}}\noutput_root: {tmp_path / 'runs'}\n"),
+    )
     assert done.returncode == 1 and "resources.time: expected a finite number, got inf" in done.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -201,10 +223,18 @@ def test_a_read_only_output_root_is_one_line_and_nothing_is_half_written(write_s
     ro = tmp_path / "ro"
     ro.mkdir()
     spec = write_spec({"launch": {"cluster": "debug"}})
-    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
-              f"{' '.join(holly_hpc_exe())} submit {spec} --output-root {ro}")
-    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
-                          env=env_for_subprocess())
+    script = (
+        f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
+        f"{' '.join(holly_hpc_exe())} submit {spec} --output-root {ro}"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_for_subprocess(),
+        check=False,
+    )
     if "mount:" in done.stderr or "unshare:" in done.stderr:
         message = f"no private read-only mount here: {done.stderr.strip()}"
         if os.environ.get("CI") == "true":  # CI runs as root on a machine where unshare works
@@ -232,7 +262,10 @@ def test_a_launch_that_fails_marks_its_tasks_failed_not_pending(write_spec, tmp_
     with pytest.raises(RuntimeError, match="Invalid account"):
         submit(write_spec())
     (run,) = _registry(tmp_path / "runs" / "tiny").runs("tiny")
-    assert run.state == "failed" and run.error == "submission failed: sbatch: error: Batch job submission failed: Invalid account"
+    assert (
+        run.state == "failed"
+        and run.error == "submission failed: sbatch: error: Batch job submission failed: Invalid account"
+    )
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -253,8 +286,10 @@ def test_a_truncated_or_altered_checkpoint_is_set_aside_for_the_newest_intact_on
     seen = []
     path, payload = newest_intact_checkpoint(tmp_path, lambda p, aside, why: seen.append((p.name, aside.name, why)))
     assert path.name == "step_00000010.pt" and payload["kind"] == {"w": 10}
-    assert [(name, aside) for name, aside, _ in seen] == [("step_00000030.pt", "step_00000030.pt.corrupt"),
-                                                          ("step_00000020.pt", "step_00000020.pt.corrupt")]
+    assert [(name, aside) for name, aside, _ in seen] == [
+        ("step_00000030.pt", "step_00000030.pt.corrupt"),
+        ("step_00000020.pt", "step_00000020.pt.corrupt"),
+    ]
     assert "cannot be read" in seen[0][2] and "sha256 differs" in seen[1][2]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [10]
     (tmp_path / "step_00000040.pt").write_bytes(b"no digest, not a zip")  # a file without a digest: read to tell
@@ -268,8 +303,9 @@ def test_a_checkpoint_of_another_step_or_shape_is_not_trusted(tmp_path):
 
 
 def test_training_resumes_from_the_newest_intact_checkpoint_and_records_it(write_spec, tmp_path):
-    exp, reg = _registered(write_spec, tmp_path, {"train": {"steps": 40, "log_every": 5, "checkpoint_every": 10,
-                                                            "keep_checkpoints": 3}})
+    exp, reg = _registered(
+        write_spec, tmp_path, {"train": {"steps": 40, "log_every": 5, "checkpoint_every": 10, "keep_checkpoints": 3}}
+    )
     run_task(exp, 0, reg, stop_after_step=30, out=io.StringIO())
     ckpts = exp.task_dir(0) / "checkpoints"
     (ckpts / "step_00000030.pt").write_bytes(b"PK\x03\x04 truncated")
@@ -303,12 +339,18 @@ def test_eval_uses_the_newest_intact_checkpoint(write_spec, tmp_path, cli):
 
 
 # ------------------------------------------------------------------------------------------ registry
-@pytest.mark.parametrize("write", [
-    lambda r: r.set_state("exp", 5, "running", "x"), lambda r: r.heartbeat("exp", 5, 1, 0.5),
-    lambda r: r.finish("exp", 5, "succeeded", {}, None), lambda r: r.log_metrics("exp", 5, [(1, "loss", 0.5, 0.0)]),
-    lambda r: r.start_attempt("exp", 5, "j", "h", 1), lambda r: r.note("exp", 5, "x"),
-    lambda r: r.end_attempt("exp", 5, 1, "completed"),
-])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda r: r.set_state("exp", 5, "running", "x"),
+        lambda r: r.heartbeat("exp", 5, 1, 0.5),
+        lambda r: r.finish("exp", 5, "succeeded", {}, None),
+        lambda r: r.log_metrics("exp", 5, [(1, "loss", 0.5, 0.0)]),
+        lambda r: r.start_attempt("exp", 5, "j", "h", 1),
+        lambda r: r.note("exp", 5, "x"),
+        lambda r: r.end_attempt("exp", 5, 1, "completed"),
+    ],
+)
 def test_a_write_to_a_missing_run_raises_instead_of_vanishing(registry_url, write):
     reg = open_registry(registry_url)
     reg.init()
@@ -326,8 +368,9 @@ def _one_run(url: str):
     reg = open_registry(url)
     reg.init()
     reg.upsert_experiment("exp", "", "", "/x")
-    reg.upsert_runs("exp", [{"task_index": 0, "task_id": "0000-x", "config": "{}", "config_hash": "x", "seed": 1,
-                             "out_dir": "/o"}])
+    reg.upsert_runs(
+        "exp", [{"task_index": 0, "task_id": "0000-x", "config": "{}", "config_hash": "x", "seed": 1, "out_dir": "/o"}]
+    )
     return reg
 
 
@@ -335,13 +378,18 @@ def test_an_attempt_whose_start_was_lost_is_recorded_when_it_ends(registry_url):
     reg = _one_run(registry_url)
     reg.end_attempt("exp", 0, None, "completed", started=100.0, at=160.0)
     (attempt,) = reg.attempts("exp", 0)
-    assert (attempt["attempt"], attempt["started"], attempt["ended"], attempt["exit_reason"]) == (1, 100.0, 160.0, "completed")
+    assert (attempt["attempt"], attempt["started"], attempt["ended"], attempt["exit_reason"]) == (
+        1,
+        100.0,
+        160.0,
+        "completed",
+    )
 
 
 def test_a_registry_deleted_while_a_task_runs_gets_its_rows_back(write_spec, tmp_path, monkeypatch):
     exp, reg = _registered(write_spec, tmp_path, {"train": {"steps": 40, "log_every": 5, "checkpoint_every": 10}})
     run_task(exp, 0, reg, stop_after_step=20, out=io.StringIO())
-    db = Path(reg.url[len("sqlite:///"):])
+    db = Path(reg.url[len("sqlite:///") :])
     for suffix in ("", "-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
@@ -352,7 +400,9 @@ def test_a_registry_deleted_while_a_task_runs_gets_its_rows_back(write_spec, tmp
     assert not (exp.task_dir(0) / SPOOL_FILE).exists()
 
 
-def test_sync_into_a_fresh_postgres_database_restores_rows_and_counts_writes(write_spec, tmp_path, fresh_postgres_url, cli):
+def test_sync_into_a_fresh_postgres_database_restores_rows_and_counts_writes(
+    write_spec, tmp_path, fresh_postgres_url, cli
+):
     exp = _frozen(write_spec, tmp_path, url=fresh_postgres_url)  # frozen, never registered there
     down = open_registry(f"sqlite:///{tmp_path / 'no' / 'such' / 'r.sqlite'}")
     spool = exp.task_dir(0) / SPOOL_FILE
@@ -384,8 +434,16 @@ def _start_long(write_spec, tmp_path, stop_tasks, name="spec.yaml"):
 
 def test_two_submits_at_once_train_once_and_cancel_stops_the_process_that_trains(write_spec, tmp_path, stop_tasks):
     path, root = _start_long(write_spec, tmp_path, stop_tasks)
-    both = [subprocess.Popen([*holly_hpc_exe(), "submit", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env_for_subprocess()) for _ in range(2)]
+    both = [
+        subprocess.Popen(
+            [*holly_hpc_exe(), "submit", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env_for_subprocess(),
+        )
+        for _ in range(2)
+    ]
     for proc in both:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, out + err
@@ -448,8 +506,13 @@ def test_an_open_attempt_left_by_a_dead_process_is_closed_by_the_next(registry_u
 
 def test_submit_wait_says_cancelled_when_its_tasks_are_cancelled(write_spec, tmp_path, stop_tasks):
     path, root = _start_long(write_spec, tmp_path, stop_tasks)
-    waiting = subprocess.Popen([*holly_hpc_exe(), "submit", str(path), "--wait"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env_for_subprocess())
+    waiting = subprocess.Popen(
+        [*holly_hpc_exe(), "submit", str(path), "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_for_subprocess(),
+    )
     wait_for(lambda: (root / "plan.json").exists() and _open_attempt(root), what="the task to start")
     assert _sh("cancel", root).returncode == 0
     out, err = waiting.communicate(timeout=120)
@@ -486,8 +549,10 @@ def test_sigterm_checkpoints_at_the_step_and_a_resubmission_resumes_there(write_
     ckpts = Experiment.load(root).task_dir(0) / "checkpoints"
     assert list_checkpoints(ckpts)[-1][0] == step and reg.runs("tiny")[0].state == "cancelled"
     assert _sh("submit", path).returncode == 0
-    wait_for(lambda: f"resumed from step_{step:08d}.pt (step {step})" in _sh("logs", root, "--task", "0").stdout,
-              what="the resume from the stop step")
+    wait_for(
+        lambda: f"resumed from step_{step:08d}.pt (step {step})" in _sh("logs", root, "--task", "0").stdout,
+        what="the resume from the stop step",
+    )
 
 
 def test_cli_errors_are_one_line(cli, tmp_path):
@@ -506,18 +571,29 @@ def test_sqlite_registry_file_is_not_left_half_migrated(tmp_path):
         for v in (1, 2, 3, 4):
             reg._execute(conn, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (v,))
         reg._execute(conn, "ALTER TABLE runs ADD COLUMN job_id TEXT")
-        reg._execute(conn, "INSERT INTO experiments (name, created, spec_text, spec_hash, experiment_dir) VALUES ('e', 0, '', '', '/x')")
-        reg._execute(conn, "INSERT INTO runs (experiment, task_index, task_id, config, config_hash, seed, out_dir, state,"
-                           " created) VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'running', 0)")
-        reg._execute(conn, "INSERT INTO attempts (experiment, task_index, attempt, job_id, host, pid, started)"
-                           " VALUES ('e', 0, 1, 'j', 'h', 5, 10.0)")
+        reg._execute(
+            conn,
+            "INSERT INTO experiments (name, created, spec_text, spec_hash, experiment_dir) VALUES ('e', 0, '', '', '/x')",
+        )
+        reg._execute(
+            conn,
+            "INSERT INTO runs (experiment, task_index, task_id, config, config_hash, seed, out_dir, state,"
+            " created) VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'running', 0)",
+        )
+        reg._execute(
+            conn,
+            "INSERT INTO attempts (experiment, task_index, attempt, job_id, host, pid, started)"
+            " VALUES ('e', 0, 1, 'j', 'h', 5, 10.0)",
+        )
     assert 5 in reg.migrate()
     (attempt,) = reg.attempts("e", 0)
     assert attempt["job_id"] == "j" and attempt["proc_start"] is None
     reg.end_attempt("e", 0, 1, "lost", "gone")
     assert reg.attempts("e", 0)[0]["exit_reason"] == "lost"
     with sqlite3.connect(path) as db, pytest.raises(sqlite3.IntegrityError):
-        db.execute("INSERT INTO attempts (experiment, task_index, attempt, started, exit_reason) VALUES ('e', 0, 2, 1, 'exploded')")
+        db.execute(
+            "INSERT INTO attempts (experiment, task_index, attempt, started, exit_reason) VALUES ('e', 0, 2, 1, 'exploded')"
+        )
 
 
 def test_a_spool_line_cut_short_by_a_crash_is_set_aside_not_counted_as_written(write_spec, tmp_path, cli):

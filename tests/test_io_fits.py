@@ -191,7 +191,9 @@ def test_folders_by_sigma_read_every_folder_in_sigma_order(tmp_path):
 def test_folders_by_sigma_need_the_same_number_of_files(tmp_path):
     a = _folder(tmp_path / "a", ["p1.fits", "p2.fits"])
     b = _folder(tmp_path / "b", ["p1.fits"])
-    with pytest.raises(ImageFormatError, match=re.escape(f"{b} (sigma 2.0) and {a} (sigma 1.0) hold 1 and 2 FITS files")):
+    with pytest.raises(
+        ImageFormatError, match=re.escape(f"{b} (sigma 2.0) and {a} (sigma 1.0) hold 1 and 2 FITS files")
+    ):
         read_fits_folders_by_sigma({1.0: a, 2.0: b})
 
 
@@ -205,7 +207,9 @@ def test_folders_by_sigma_name_the_first_mismatching_file(tmp_path):
 def test_folders_by_sigma_need_one_image_size(tmp_path):
     a = _folder(tmp_path / "a", ["p1.fits"], size=8)
     b = _folder(tmp_path / "b", ["p1.fits"], size=16)
-    with pytest.raises(ImageFormatError, match=re.escape(f"{b} (sigma 3.0): images are 16x16, but those of {a} (sigma 1.0) are 8x8")):
+    with pytest.raises(
+        ImageFormatError, match=re.escape(f"{b} (sigma 3.0): images are 16x16, but those of {a} (sigma 1.0) are 8x8")
+    ):
         read_fits_folders_by_sigma({3.0: b, 1.0: a})
 
 

@@ -66,7 +66,12 @@ def test_16bit_single_page_tiff_keeps_its_values_and_dtype(tmp_path):
     images = FolderCollection(tmp_path)
     assert isinstance(images, ImageCollection)
     assert (len(images), images.channels, images.shape_hw, images.ids, images.labels, images.bad) == (
-        1, 1, (9, 11), ["a.tif"], [None], []
+        1,
+        1,
+        (9, 11),
+        ["a.tif"],
+        [None],
+        [],
     )
     out = images.read(0)
     assert out.dtype == np.uint16 and out.shape == (1, 9, 11) and out.max() > 255
@@ -279,7 +284,9 @@ def test_labels_from_a_csv(tmp_path):
     root = _gray_folder(tmp_path / "imgs", ["a.tif", "b.tif", "sub/c.tif"])
     # A byte-order mark, './' prefixes, padding, extra columns and an empty (unlabelled) label all pass.
     csv_path = tmp_path / "labels.csv"
-    csv_path.write_text("\ufefffile, label ,note\n./sub/c.tif,mitotic,x\n a.tif ,interphase,\n\nb.tif,,\n", encoding="utf-8")
+    csv_path.write_text(
+        "\ufefffile, label ,note\n./sub/c.tif,mitotic,x\n a.tif ,interphase,\n\nb.tif,,\n", encoding="utf-8"
+    )
     images = FolderCollection(root, labels=str(csv_path))
     assert images.ids == ["a.tif", "b.tif", "sub/c.tif"]
     assert images.labels == ["interphase", None, "mitotic"]
@@ -422,7 +429,9 @@ def test_zarr_collection_survives_pickling(tmp_path):
 )
 def test_ome_zarr_tiles_equal_the_source_slices(tmp_path, version, axes, shape):
     data = _u16(shape)
-    store = write_ome_zarr(tmp_path / "img.zarr", data, axes=axes, version=version, chunks=(1,) * (len(axes) - 2) + (5, 5))
+    store = write_ome_zarr(
+        tmp_path / "img.zarr", data, axes=axes, version=version, chunks=(1,) * (len(axes) - 2) + (5, 5)
+    )
     assert zarr.open_group(str(store), mode="r").metadata.zarr_format == (2 if version == "0.4" else 3)
     tiles = OmeZarrCollection(store, tile=8)
     # The source as t, c, z, y, x, to compare every layout the same way.

@@ -49,8 +49,8 @@ def _write_csv(path, header, rows):
 def _write_mat73(path, variables: dict, extra=None):
     """Lay an HDF5 file out as MATLAB -v7.3 does: a 512-byte header, every array transposed, MATLAB_class set."""
     with h5py.File(path, "w", userblock_size=512) as f:
-        for name, value in variables.items():
-            value = np.asarray(value, dtype=np.float64)
+        for name, given in variables.items():
+            value = np.asarray(given, dtype=np.float64)
             value = value.reshape(-1, 1) if value.ndim == 1 else value  # MATLAB has no 1D arrays: a column vector
             f.create_dataset(name, data=value.T).attrs["MATLAB_class"] = np.bytes_("double")
         if extra:
@@ -162,14 +162,16 @@ def test_bad_csv_is_refused_with_file_and_line(tmp_path, text, reason):
 
 
 def test_small_particles_are_dropped_and_listed(tmp_path):
-    rows = ROWS + [(50.0, 50.0, 50.0, 4), (60.0, 60.0, 60.0, 4), (70.0, 70.0, 70.0, 1)]
+    rows = [*ROWS, (50.0, 50.0, 50.0, 4), (60.0, 60.0, 60.0, 4), (70.0, 70.0, 70.0, 1)]
     table = read_localisations(_write_csv(tmp_path / "small.csv", ["x", "y", "z", "particle"], rows))
     assert table.dropped == [1, 4]
     _assert_particles(table, EXPECTED, has_z=True)
 
 
 def test_unknown_extension_missing_file_and_bad_roles_are_refused(tmp_path):
-    with _raises(tmp_path / "locs.txt", r": unknown localisation file type '.txt'; expected one of .csv, .h5, .hdf5, .mat"):
+    with _raises(
+        tmp_path / "locs.txt", r": unknown localisation file type '.txt'; expected one of .csv, .h5, .hdf5, .mat"
+    ):
         read_localisations(tmp_path / "locs.txt")
     with _raises(tmp_path / "gone.csv", ": no such file"):
         read_localisations(tmp_path / "gone.csv")
@@ -178,7 +180,7 @@ def test_unknown_extension_missing_file_and_bad_roles_are_refused(tmp_path):
         read_localisations(path, columns={"frame": "t"})
     with pytest.raises(ValueError, match="'x' is required"):
         read_localisations(path, columns={"x": None})
-    with pytest.raises(ValueError, match="`dataset` applies to HDF5 and .mat files"):
+    with pytest.raises(ValueError, match=r"`dataset` applies to HDF5 and .mat files"):
         read_localisations(path, dataset="locs")
 
 
@@ -197,8 +199,10 @@ def test_hdf5_columns_as_datasets_of_the_root_or_of_a_group(tmp_path):
 
 
 def test_hdf5_compound_dataset_is_read_by_default_when_it_is_the_only_one(tmp_path):
-    records = np.rec.fromarrays([TABLE[:, 0], TABLE[:, 1], TABLE[:, 2], TABLE[:, 3].astype(np.int32)],
-                                names=["x [nm]", "y [nm]", "z [nm]", "particle"])
+    records = np.rec.fromarrays(
+        [TABLE[:, 0], TABLE[:, 1], TABLE[:, 2], TABLE[:, 3].astype(np.int32)],
+        names=["x [nm]", "y [nm]", "z [nm]", "particle"],
+    )
     with h5py.File(tmp_path / "rec.hdf5", "w") as f:
         f["locs"] = records
     _assert_particles(read_localisations(tmp_path / "rec.hdf5"), EXPECTED, has_z=True)
@@ -260,7 +264,9 @@ def test_mat_v5_several_matrices_need_dataset(tmp_path):
     path = tmp_path / "two.mat"
     scipy.io.savemat(path, {"a": TABLE, "b": TABLE + 1})
     positions = {"x": 0, "y": 1, "particle": 3}
-    with _raises(path, r": columns given by position need one numeric matrix variable, found: a, b; name it with dataset="):
+    with _raises(
+        path, r": columns given by position need one numeric matrix variable, found: a, b; name it with dataset="
+    ):
         read_localisations(path, columns=positions)
     table = read_localisations(path, columns=positions, dataset="b")
     np.testing.assert_array_equal(table.particles[3][:, 0], EXPECTED[2][:, 0] + 1)  # ids shift with the values
@@ -274,8 +280,11 @@ def test_mat_v73_column_vectors_and_matrix_are_untransposed(tmp_path):
         name = f.create_dataset("label", data=np.frombuffer(b"c\x00e\x00p\x00", dtype=np.uint16).reshape(3, 1))
         name.attrs["MATLAB_class"] = np.bytes_("char")
 
-    vectors = _write_mat73(tmp_path / "v73.mat", {"x": TABLE[:, 0], "y": TABLE[:, 1], "z": TABLE[:, 2],
-                                                  "particle": TABLE[:, 3]}, extra=matlab_extras)
+    vectors = _write_mat73(
+        tmp_path / "v73.mat",
+        {"x": TABLE[:, 0], "y": TABLE[:, 1], "z": TABLE[:, 2], "particle": TABLE[:, 3]},
+        extra=matlab_extras,
+    )
     with pytest.raises(NotImplementedError):
         scipy.io.loadmat(vectors)  # the file really is one that scipy hands over to HDF5
     with h5py.File(vectors) as f:
@@ -324,10 +333,12 @@ def test_random_tables_round_trip_through_csv_and_hdf5(tmp_path, sizes, has_z, d
     ids = [pid for pid, n in sizes.items() for _ in range(n)]
     ids = data.draw(st.permutations(ids))
     points = np.array([data.draw(st.tuples(*[coordinate] * dims)) for _ in ids], dtype=np.float64).reshape(-1, dims)
-    names = ["x", "y", "z"][:dims] + ["particle"]
+    names = [*["x", "y", "z"][:dims], "particle"]
     expected = {pid: points[np.array(ids) == pid] for pid in sizes if sizes[pid] >= 3}
 
-    csv_path = _write_csv(tmp_path / "prop.csv", names, [(*map(repr, p), pid) for p, pid in zip(points.tolist(), ids)])
+    csv_path = _write_csv(
+        tmp_path / "prop.csv", names, [(*map(repr, p), pid) for p, pid in zip(points.tolist(), ids, strict=True)]
+    )
     h5_path = tmp_path / "prop.h5"
     with h5py.File(h5_path, "w") as f:
         for i, name in enumerate(names[:dims]):

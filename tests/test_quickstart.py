@@ -31,8 +31,15 @@ def _submit_and_wait(tmp_path: Path, name: str, timeout: int) -> Path:
     """Run `holly-hpc submit jobspecs/<name>.yaml --wait` from a copy of jobspecs/ in tmp_path, as the README
     shows it; return the experiment's one task folder."""
     shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
-    done = subprocess.run([*holly_hpc_exe(), "submit", f"jobspecs/{name}.yaml", "--wait"], cwd=tmp_path,
-                          env=env_for_subprocess(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [*holly_hpc_exe(), "submit", f"jobspecs/{name}.yaml", "--wait"],
+        cwd=tmp_path,
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     (task_dir,) = (tmp_path / "runs" / name).glob("tasks/*")
     return task_dir
@@ -43,8 +50,15 @@ def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
     shutil.copytree(REPO / "jobspecs", tmp_path / "jobspecs")
     env = env_for_subprocess()
     started = time.time()
-    submit = subprocess.run([*holly_hpc_exe(), "submit", "jobspecs/quickstart.yaml"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    submit = subprocess.run(
+        [*holly_hpc_exe(), "submit", "jobspecs/quickstart.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert submit.returncode == 0, submit.stderr
     root = tmp_path / "runs" / "quickstart-torus"
     assert f"outputs:     {root}" in submit.stdout
@@ -52,8 +66,15 @@ def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
 
     deadline = started + 600  # the issue's bound: under 10 minutes on 2 CPU cores
     while True:
-        status = subprocess.run([*holly_hpc_exe(), "status", "runs/quickstart-torus"], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [*holly_hpc_exe(), "status", "runs/quickstart-torus"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert status.returncode == 0, status.stderr
         state = status.stdout.splitlines()[1].split()[2]
         if state in ("succeeded", "failed", "cancelled") or time.time() > deadline:
@@ -67,9 +88,21 @@ def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
 
     # The README's TensorBoard command serves the task's run with its scalars.
     port = _free_port()
-    tb = subprocess.Popen([str(Path(sys.executable).with_name("tensorboard")), "--logdir", "runs/quickstart-torus/tasks",
-                           "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tb = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("tensorboard")),
+            "--logdir",
+            "runs/quickstart-torus/tasks",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         runs, until = [], time.time() + 60
         while time.time() < until:
@@ -118,8 +151,10 @@ def test_embed_vqvae_spec_beats_the_pca_baseline_within_15_minutes(tmp_path):
     metrics = json.loads((task_dir / "final" / "metrics.json").read_text())
     assert metrics["step"] == 800
     for prefix, baseline in (("eval", "baseline"), ("features", "features_baseline")):
-        scores = {c: (metrics[f"{prefix}_{c}_balanced_accuracy"], metrics[f"{baseline}_{c}_balanced_accuracy"])
-                  for c in ("logreg", "forest")}
+        scores = {
+            c: (metrics[f"{prefix}_{c}_balanced_accuracy"], metrics[f"{baseline}_{c}_balanced_accuracy"])
+            for c in ("logreg", "forest")
+        }
         assert all(ours > base for ours, base in scores.values()), (prefix, scores)
         assert scores["logreg"][0] > scores["logreg"][1] + 0.05, (prefix, scores)  # measured: +0.11 and +0.33
     assert metrics["features_logreg_balanced_accuracy"] > 0.9, metrics  # measured: 0.978
@@ -146,7 +181,13 @@ def test_infogan_cells_spec_runs_within_15_minutes_and_its_codes_carry_informati
     names = sorted(p.name for p in (task_dir / "final" / "traversals").iterdir())
     assert names == ["cat0.png", "cont0.gif", "cont0.png", "cont1.gif", "cont1.png"]
     assert zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")["samples/images"].shape == (64, 2, 32, 32)
-    sample = subprocess.run([*holly_hpc_exe(), "sample", str(task_dir), "--n", "16", "--code", "cat0=1",
-                             "--output", "cells.png"], cwd=tmp_path, env=env_for_subprocess(), capture_output=True,
-                            text=True, timeout=120)
+    sample = subprocess.run(
+        [*holly_hpc_exe(), "sample", str(task_dir), "--n", "16", "--code", "cat0=1", "--output", "cells.png"],
+        cwd=tmp_path,
+        env=env_for_subprocess(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert sample.returncode == 0 and (tmp_path / "cells.png").stat().st_size > 0, sample.stderr

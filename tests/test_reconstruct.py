@@ -40,8 +40,14 @@ RECON = {
     "kind": "reconstruct",
     "seed": 3,
     "device": "cpu",
-    "data": {"source": "simulate", "image_size": 24, "sigma": [3.0, 1.5], "sigma_end": 0.7, "eval_size": 32,
-             "simulate": {"structure": "torus", "num_points": 60}},
+    "data": {
+        "source": "simulate",
+        "image_size": 24,
+        "sigma": [3.0, 1.5],
+        "sigma_end": 0.7,
+        "eval_size": 32,
+        "simulate": {"structure": "torus", "num_points": 60},
+    },
     "model": {"channels": [8, 16, 32], "hidden": 32, "num_points": 60},
     "train": {"steps": 30, "batch_size": 8, "log_every": 10, "checkpoint_every": 10, "keep_checkpoints": 5},
     "launch": {"cluster": "debug", "threads": 1},
@@ -113,7 +119,9 @@ def test_structure_error_ignores_rotation_scale_translation_and_mirror(seed, sca
     r = random_rotations(1, g, dtype=torch.float64)[0]
     if mirror:
         r = r @ torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
-    moved = (scale * truth @ r.T + torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64))[torch.randperm(120, generator=g)]
+    moved = (scale * truth @ r.T + torch.tensor([0.2, -0.1, 0.4], dtype=torch.float64))[
+        torch.randperm(120, generator=g)
+    ]
     assert structure_error(moved, truth) < 1e-6
     if mirror:  # the mirror image is only free when allowed
         assert structure_error(moved, truth, allow_mirror=False) > 0.01
@@ -157,8 +165,9 @@ def test_in_plane_rotation_by_a_quarter_turn():
     image = torch.zeros(1, 16, 16)
     image[0, 2:5, 7:9] = 1.0
     turned = rotate_in_plane(image, torch.tensor([math.pi / 2]))
-    assert torch.allclose(turned[0], torch.rot90(image[0], k=-1, dims=(0, 1)), atol=1e-5) or \
-        torch.allclose(turned[0], torch.rot90(image[0], k=1, dims=(0, 1)), atol=1e-5)
+    assert torch.allclose(turned[0], torch.rot90(image[0], k=-1, dims=(0, 1)), atol=1e-5) or torch.allclose(
+        turned[0], torch.rot90(image[0], k=1, dims=(0, 1)), atol=1e-5
+    )
     assert turned.sum().item() == pytest.approx(image.sum().item(), rel=1e-5)
 
 
@@ -185,7 +194,11 @@ def test_fits_sources_one_folder_blurred_and_one_per_sigma(tmp_path):
 
     _write_fits(tmp_path / "s4", images * 4)
     _write_fits(tmp_path / "s1", images)
-    spec = _spec(tmp_path, name="per-sigma", data={"source": "fits", "fits": {"folders": {"1.0": "s1", "4.0": "s4"}}, "eval_size": 4})
+    spec = _spec(
+        tmp_path,
+        name="per-sigma",
+        data={"source": "fits", "fits": {"folders": {"1.0": "s1", "4.0": "s4"}}, "eval_size": 4},
+    )
     source = make_source(expand(spec)[0].config["data"], 3, torch.device("cpu"), spec.base_dir)
     assert torch.allclose(source.eval_batch(3.5)["images"], images[16:] * 4)  # nearest folder: 4.0
     assert torch.allclose(source.eval_batch(1.2)["images"], images[16:])
@@ -207,8 +220,15 @@ def test_localisation_source_renders_particles_at_random_in_plane_rotations(tmp_
             a = 2 * math.pi * k / 6
             rows.append(f"{1000 * particle + 100 * math.cos(a)},{500 + 100 * math.sin(a)},{particle}")
     (tmp_path / "locs.csv").write_text("\n".join(rows) + "\n")
-    spec = _spec(tmp_path, data={"source": "localisations", "image_size": 32, "eval_size": 2,
-                                 "localisations": {"path": "locs.csv", "pixel_size_nm": 10.0}})
+    spec = _spec(
+        tmp_path,
+        data={
+            "source": "localisations",
+            "image_size": 32,
+            "eval_size": 2,
+            "localisations": {"path": "locs.csv", "pixel_size_nm": 10.0},
+        },
+    )
     source = make_source(expand(spec)[0].config["data"], 3, torch.device("cpu"), spec.base_dir)
     images = source.train_batch(0, 5, 1.0)["images"]
     assert images.shape == (5, 32, 32)
@@ -241,8 +261,12 @@ def test_predicted_sigma_is_bounded_and_trained(tmp_path):
 
 @pytest.mark.slow
 def test_a_short_run_measurably_reduces_the_structure_error(tmp_path):
-    exp = _experiment(tmp_path, train={"steps": 600, "log_every": 100, "checkpoint_every": 300},
-                      data={"image_size": 32, "sigma": [4.0, 1.5]}, model={"num_points": 100, "channels": [16, 32, 64]})
+    exp = _experiment(
+        tmp_path,
+        train={"steps": 600, "log_every": 100, "checkpoint_every": 300},
+        data={"image_size": 32, "sigma": [4.0, 1.5]},
+        model={"num_points": 100, "channels": [16, 32, 64]},
+    )
     result = run_task(exp, 0, out=io.StringIO())
     group = zarr.open_group(str(exp.task_dir(0) / "outputs.zarr"), mode="r")
     errors = group["metrics/structure_error"][:]
@@ -301,9 +325,13 @@ def test_simulated_in_plane_augmentation_spins_the_pose_and_keeps_the_truth(tmp_
     source = make_source(data, 3, torch.device("cpu"), spec.base_dir)
     batch = source.train_batch(4, 6, 2.0)
     # The images are the renders of the truth at the returned (spun) rotations.
-    again = render_images(source.ground_truth.points, batch["rotations"], 2.0, data["image_size"], batch["translations"])
+    again = render_images(
+        source.ground_truth.points, batch["rotations"], 2.0, data["image_size"], batch["translations"]
+    )
     assert torch.allclose(batch["images"], again, atol=1e-6)
-    plain = make_source({**data, "augment_in_plane": False}, 3, torch.device("cpu"), spec.base_dir).train_batch(4, 6, 2.0)
+    plain = make_source({**data, "augment_in_plane": False}, 3, torch.device("cpu"), spec.base_dir).train_batch(
+        4, 6, 2.0
+    )
     assert not torch.allclose(plain["rotations"], batch["rotations"])
     # A spin about the view axis: the third row (the depth direction of each body axis) is unchanged.
     assert torch.allclose(plain["rotations"][:, 2], batch["rotations"][:, 2], atol=1e-6)
@@ -316,7 +344,7 @@ def test_points_can_start_from_an_obj(tmp_path):
     config = expand(_spec(tmp_path, model={"init": "start.obj"}))[0].config
     kind = get_kind("reconstruct")(config, torch.device("cpu"), tmp_path)
     assert torch.allclose(kind.points.detach(), load_structure("npc", 60, 0.5).points, atol=1e-5)
-    with pytest.raises(SpecError, match="model.init: expected an existing OBJ file"):
+    with pytest.raises(SpecError, match=r"model.init: expected an existing OBJ file"):
         _spec(tmp_path, name="noinit", model={"init": "missing.obj"})
 
 
@@ -341,7 +369,9 @@ def test_best_of_hypotheses_trains_the_best_head_only():
     assert loss.item() < 1e-10 and torch.allclose(best, truth) and torch.allclose(rendered, target, atol=1e-6)
     # With one hypothesis it is the plain loss.
     one, _, _ = best_of_hypotheses(wrong[:, None], render, target, "l2", False)
-    assert one.item() == pytest.approx(image_loss(render_images(structure, wrong, 1.5, 24), target, "l2").item(), rel=1e-6)
+    assert one.item() == pytest.approx(
+        image_loss(render_images(structure, wrong, 1.5, 24), target, "l2").item(), rel=1e-6
+    )
 
 
 def test_reconstruct_with_several_hypotheses_trains_and_resumes_exactly(tmp_path):

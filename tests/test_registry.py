@@ -16,8 +16,17 @@ def _registry(url):
     reg = open_registry(url)
     reg.init()
     reg.upsert_experiment("exp", "experiment: exp\n", "abc", "/runs/exp")
-    runs = [{"task_index": i, "task_id": f"{i:04d}-h", "config": json.dumps({"i": i}), "config_hash": "h",
-             "seed": i, "out_dir": f"/o/{i}"} for i in range(3)]
+    runs = [
+        {
+            "task_index": i,
+            "task_id": f"{i:04d}-h",
+            "config": json.dumps({"i": i}),
+            "config_hash": "h",
+            "seed": i,
+            "out_dir": f"/o/{i}",
+        }
+        for i in range(3)
+    ]
     reg.upsert_runs("exp", runs)
     return reg, runs
 
@@ -63,7 +72,7 @@ def test_state_is_checked_by_the_database(registry_url):
     reg, _ = _registry(registry_url)
     with pytest.raises(ValueError, match="unknown state"):
         reg.set_state("exp", 0, "exploded", "?")
-    with pytest.raises(Exception, match="(?i)check constraint"):  # the CHECK constraint itself
+    with pytest.raises(Exception, match=r"(?i)check constraint"):  # the CHECK constraint itself
         reg.finish("exp", 0, "exploded", None, None)
     assert reg.runs("exp")[0].state == "pending"
 
@@ -116,9 +125,15 @@ def test_migration_from_version_1(registry_url):
     with reg._connect() as conn:
         reg._create_base(conn)
         reg._execute(conn, "INSERT INTO schema_version (version, applied_at) VALUES (1, 0)")
-        reg._execute(conn, "INSERT INTO experiments (name, created, spec_text, spec_hash, experiment_dir) VALUES ('e', 0, '', '', '/x')")
-        reg._execute(conn, "INSERT INTO runs (experiment, task_index, task_id, config, config_hash, seed, out_dir, state, created)"
-                           " VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'succeeded', 0)")
+        reg._execute(
+            conn,
+            "INSERT INTO experiments (name, created, spec_text, spec_hash, experiment_dir) VALUES ('e', 0, '', '', '/x')",
+        )
+        reg._execute(
+            conn,
+            "INSERT INTO runs (experiment, task_index, task_id, config, config_hash, seed, out_dir, state, created)"
+            " VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'succeeded', 0)",
+        )
     assert reg.migrate() == list(range(2, LATEST_VERSION + 1))
     reg.set_job_ids("e", {0: "77_0"})
     reg.upsert_experiment("e", "", "", "/x", {"owner": "ada", "git_commit": "abc123", "git_dirty": True})
@@ -132,10 +147,21 @@ def test_sql_injection_attempts_are_stored_verbatim(registry_url):
     reg = open_registry(registry_url)
     reg.init()
     name = "x'); DROP TABLE runs; --"
-    key = "loss\"; DELETE FROM metrics; --"
+    key = 'loss"; DELETE FROM metrics; --'
     reg.upsert_experiment(name, "spec: '; DROP TABLE experiments; --", "h", "/tmp/x")
-    reg.upsert_runs(name, [{"task_index": 0, "task_id": "0000-x", "config": json.dumps({"k": "'; --"}),
-                            "config_hash": "h", "seed": 1, "out_dir": "/o"}])
+    reg.upsert_runs(
+        name,
+        [
+            {
+                "task_index": 0,
+                "task_id": "0000-x",
+                "config": json.dumps({"k": "'; --"}),
+                "config_hash": "h",
+                "seed": 1,
+                "out_dir": "/o",
+            }
+        ],
+    )
     reg.log_metrics(name, 0, [(1, key, 0.5, 0.0)])
     assert [e.name for e in reg.experiments()] == [name]
     assert reg.metrics(name, 0) == [(1, key, 0.5)]
@@ -146,13 +172,17 @@ def test_sql_injection_attempts_are_stored_verbatim(registry_url):
 def test_a_version_1_file_gains_the_job_id_column(tmp_path):
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as c:  # the runs table as version 1 made it, with a row in it
-        c.execute("CREATE TABLE runs (experiment TEXT NOT NULL, task_index INTEGER NOT NULL, task_id TEXT NOT NULL,"
-                  " config TEXT NOT NULL, config_hash TEXT NOT NULL, seed INTEGER NOT NULL, out_dir TEXT NOT NULL,"
-                  " state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL,"
-                  " last_step INTEGER, last_loss REAL, final_metrics TEXT, error TEXT,"
-                  " PRIMARY KEY (experiment, task_index))")
-        c.execute("INSERT INTO runs VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'succeeded', 0, NULL, NULL, NULL,"
-                  " 5, 0.5, NULL, NULL)")
+        c.execute(
+            "CREATE TABLE runs (experiment TEXT NOT NULL, task_index INTEGER NOT NULL, task_id TEXT NOT NULL,"
+            " config TEXT NOT NULL, config_hash TEXT NOT NULL, seed INTEGER NOT NULL, out_dir TEXT NOT NULL,"
+            " state TEXT NOT NULL, created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL,"
+            " last_step INTEGER, last_loss REAL, final_metrics TEXT, error TEXT,"
+            " PRIMARY KEY (experiment, task_index))"
+        )
+        c.execute(
+            "INSERT INTO runs VALUES ('e', 0, '0000-x', '{}', 'x', 1, '/o', 'succeeded', 0, NULL, NULL, NULL,"
+            " 5, 0.5, NULL, NULL)"
+        )
     reg = open_registry(f"sqlite:///{path}")
     reg.init()
     reg.set_job_ids("e", {0: "77_0"})

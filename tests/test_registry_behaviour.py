@@ -22,16 +22,30 @@ from holly_hpc.sweep import expand
 
 
 def _registered(write_spec, tmp_path, url, changes=None, name="reg"):
-    spec = load_spec(write_spec({"experiment": name, "registry": {"url": url, "flush_seconds": 0}, **(changes or {})},
-                                name=f"{name}.yaml"))
+    spec = load_spec(
+        write_spec(
+            {"experiment": name, "registry": {"url": url, "flush_seconds": 0}, **(changes or {})}, name=f"{name}.yaml"
+        )
+    )
     tasks = expand(spec)
     exp = freeze(spec, tasks, tmp_path / "runs", url)
     reg = open_registry(url)
     reg.init()
     reg.upsert_experiment(exp.name, spec.text, "h", str(exp.root))
-    reg.upsert_runs(exp.name, [{"task_index": t.index, "task_id": t.task_id, "config": json.dumps(t.config),
-                                "config_hash": t.config_hash, "seed": t.seed, "out_dir": str(exp.task_dir(t.index))}
-                               for t in tasks])
+    reg.upsert_runs(
+        exp.name,
+        [
+            {
+                "task_index": t.index,
+                "task_id": t.task_id,
+                "config": json.dumps(t.config),
+                "config_hash": t.config_hash,
+                "seed": t.seed,
+                "out_dir": str(exp.task_dir(t.index)),
+            }
+            for t in tasks
+        ],
+    )
     return exp, reg
 
 
@@ -40,8 +54,9 @@ def _pg(action: str) -> None:
 
 
 def test_postgres_stopped_mid_run_loses_no_metric(write_spec, tmp_path, fresh_postgres_url):
-    exp, reg = _registered(write_spec, tmp_path, fresh_postgres_url,
-                           {"train": {"steps": 300, "log_every": 5, "checkpoint_every": 100}})
+    exp, reg = _registered(
+        write_spec, tmp_path, fresh_postgres_url, {"train": {"steps": 300, "log_every": 5, "checkpoint_every": 100}}
+    )
     ckpt = exp.task_dir(0) / "checkpoints" / "step_00000100.pt"
 
     def stop_when_a_third_done():
@@ -63,8 +78,14 @@ def test_postgres_stopped_mid_run_loses_no_metric(write_spec, tmp_path, fresh_po
         assert not registry.replay() and registry.pending() > 0  # the database is still down
     finally:
         _pg("start")
-    sync = subprocess.run([os.path.join(os.path.dirname(os.sys.executable), "holly-hpc"), "registry", "sync", str(exp.root)],
-                          capture_output=True, text=True, env={**os.environ}, timeout=120)
+    sync = subprocess.run(
+        [os.path.join(os.path.dirname(os.sys.executable), "holly-hpc"), "registry", "sync", str(exp.root)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=120,
+        check=False,
+    )
     assert sync.returncode == 0, sync.stderr
     spooled = re.search(r"replayed (\d+) of (\d+) spooled write\(s\) from 1 spool file\(s\)", sync.stdout)
     assert spooled and spooled.group(1) == spooled.group(2) and int(spooled.group(1)) > 0, sync.stdout
@@ -112,7 +133,9 @@ def test_status_tells_a_silent_task_from_a_running_one(write_spec, tmp_path, reg
     assert states[0] == "running" and states[1].startswith("lost?(1:00:")
 
 
-def test_passwords_stay_out_of_plan_spec_registry_and_errors(write_spec, tmp_path, fresh_postgres_url, monkeypatch, cli):
+def test_passwords_stay_out_of_plan_spec_registry_and_errors(
+    write_spec, tmp_path, fresh_postgres_url, monkeypatch, cli
+):
     from holly_hpc.launch.submit import submit
 
     password = os.environ["PGPASSWORD"]
@@ -131,8 +154,14 @@ def test_passwords_stay_out_of_plan_spec_registry_and_errors(write_spec, tmp_pat
     assert password not in (sub.experiment.root / "plan.json").read_text()
     assert password not in sub.registry.url
     with sub.registry._connect(write=False) as conn:
-        dump = json.dumps([list(r) for t in ("experiments", "runs", "attempts", "events")
-                           for r in sub.registry._execute(conn, f"SELECT * FROM {t}").fetchall()], default=str)
+        dump = json.dumps(
+            [
+                list(r)
+                for t in ("experiments", "runs", "attempts", "events")
+                for r in sub.registry._execute(conn, f"SELECT * FROM {t}").fetchall()
+            ],
+            default=str,
+        )
     assert password not in dump
     monkeypatch.setenv("HOLLY_REGISTRY_URL", with_password.replace(password, "wrong-one"))
     code, _, err = cli("registry", "migrate")

@@ -23,8 +23,13 @@ def _scene(seed: int, batch: int, n: int, dtype):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), size=st.integers(8, 40), n=st.integers(1, 60),
-       sigma=st.floats(0.5, 4.0), batch=st.integers(1, 4))
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.integers(8, 40),
+    n=st.integers(1, 60),
+    sigma=st.floats(0.5, 4.0),
+    batch=st.integers(1, 4),
+)
 def test_fast_matches_reference_float64(seed, size, n, sigma, batch):
     points, rotations, translations = _scene(seed, batch, n, torch.float64)
     fast = render_images(points, rotations, sigma, size, translations)
@@ -68,7 +73,8 @@ def test_gradients_reach_points_rotations_translations_and_sigma():
     for t in (points, six, translations, sigma):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
     assert torch.autograd.gradcheck(
-        lambda p: render_images(p, rotations.detach(), 1.5, 8), (points.detach()[:3].clone().requires_grad_(True),))
+        lambda p: render_images(p, rotations.detach(), 1.5, 8), (points.detach()[:3].clone().requires_grad_(True),)
+    )
 
 
 def test_fast_path_never_builds_a_points_by_pixels_tensor():
@@ -107,8 +113,10 @@ def test_fast_and_reference_gradients_agree_including_points_near_borders(sigma)
     g = torch.Generator().manual_seed(int(sigma * 10))
     # Half the points sit at or beyond the image border, where blobs are cut off.
     inner = torch.rand(10, 3, generator=g, dtype=torch.float64) * 1.2 - 0.6
-    border = torch.tensor([[1.0, 0.2, 0.1], [-0.98, -0.99, 0.0], [0.3, 1.05, -0.2], [0.0, -1.0, 0.5], [1.1, 1.1, 0.0]],
-                          dtype=torch.float64)
+    border = torch.tensor(
+        [[1.0, 0.2, 0.1], [-0.98, -0.99, 0.0], [0.3, 1.05, -0.2], [0.0, -1.0, 0.5], [1.1, 1.1, 0.0]],
+        dtype=torch.float64,
+    )
     rotations = random_rotations(3, g, dtype=torch.float64)
     weights = torch.rand(3, 15, generator=g, dtype=torch.float64)
     target = torch.rand(3, 20, 20, generator=g, dtype=torch.float64)
@@ -120,5 +128,5 @@ def test_fast_and_reference_gradients_agree_including_points_near_borders(sigma)
         image = render(points, rotations, sigma, 20, translations, w)
         ((image - target) ** 2).sum().backward()
         grads.append((image.detach(), points.grad, translations.grad, w.grad))
-    for fast, ref in zip(*grads):
+    for fast, ref in zip(*grads, strict=True):
         assert torch.allclose(fast, ref, rtol=1e-9, atol=1e-12)

@@ -66,8 +66,9 @@ def rotation(angle: float, reflect: bool = False) -> np.ndarray:
     return np.array([[c, -s], [s, c]]) @ np.diag([1.0, -1.0 if reflect else 1.0])
 
 
-point_sets = st.tuples(st.integers(3, 20), st.integers(0, 2 ** 31 - 1)).map(
-    lambda args: np.random.default_rng(args[1]).uniform(-100, 100, size=(args[0], 2)))
+point_sets = st.tuples(st.integers(3, 20), st.integers(0, 2**31 - 1)).map(
+    lambda args: np.random.default_rng(args[1]).uniform(-100, 100, size=(args[0], 2))
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,8 +76,12 @@ point_sets = st.tuples(st.integers(3, 20), st.integers(0, 2 ** 31 - 1)).map(
 
 
 @settings(max_examples=30, deadline=None)
-@given(points=point_sets, angle=st.floats(0, 2 * np.pi), shift=st.tuples(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3)),
-       reflect=st.booleans())
+@given(
+    points=point_sets,
+    angle=st.floats(0, 2 * np.pi),
+    shift=st.tuples(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3)),
+    reflect=st.booleans(),
+)
 def test_distance_matrix_is_invariant_to_rigid_motion_and_reflection(points, angle, shift, reflect):
     moved = points @ rotation(angle, reflect).T + np.array(shift)
     original = distance_matrix(points)
@@ -215,7 +220,7 @@ def test_start_index_and_direction_only_reindex_the_matrix():
         matrix = distance_matrix(resample_contour(variant, n))
         error = invariant_mse(torch.from_numpy(matrix)[None], torch.from_numpy(base)[None]).item()
         plain = float(((matrix - base) ** 2).mean())  # without the invariance
-        assert error <= spacing ** 2 and plain > 10 * error, (error, plain, spacing ** 2)
+        assert error <= spacing**2 and plain > 10 * error, (error, plain, spacing**2)
     # Reversed input is resampled counter-clockwise again, from contour[-1]: one input point (1/1000 of
     # the perimeter) from the original start, so even the plain MSE is small.
     matrix = distance_matrix(resample_contour(contour[::-1], n))
@@ -234,7 +239,7 @@ def test_start_index_and_direction_only_reindex_the_matrix():
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2 ** 31 - 1), batch=st.integers(1, 3), n=st.integers(3, 12))
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), n=st.integers(3, 12))
 def test_invariant_mse_agrees_with_the_loop_oracle(seed, batch, n):
     pred, target = random_matrices(seed, batch, n), random_matrices(seed + 1, batch, n)
     fast = invariant_mse(pred, target)
@@ -249,7 +254,7 @@ def test_invariant_mse_agrees_with_the_loop_oracle(seed, batch, n):
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2 ** 31 - 1), n=st.integers(3, 40), k=st.integers(0, 79))
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 40), k=st.integers(0, 79))
 def test_invariant_mse_is_zero_for_any_shift_or_reflection(seed, n, k):
     k %= 2 * n
     target = random_matrices(seed, 2, n)  # need not be symmetric: P D P^T is exact for any D
@@ -307,9 +312,11 @@ def test_matrix_penalties():
 
 shapes = st.one_of(
     st.tuples(st.floats(1, 100), st.floats(0.05, 1), st.integers(3, 60), st.floats(0, np.pi)).map(
-        lambda args: ellipse_contour(args[0], args[0] * args[1], args[2], args[3])),
-    st.tuples(st.integers(3, 40), st.integers(0, 2 ** 31 - 1), st.floats(0.01, 1000)).map(
-        lambda args: args[2] * np.random.default_rng(args[1]).uniform(-1, 1, size=(args[0], 2))),
+        lambda args: ellipse_contour(args[0], args[0] * args[1], args[2], args[3])
+    ),
+    st.tuples(st.integers(3, 40), st.integers(0, 2**31 - 1), st.floats(0.01, 1000)).map(
+        lambda args: args[2] * np.random.default_rng(args[1]).uniform(-1, 1, size=(args[0], 2))
+    ),
 )
 
 
@@ -342,7 +349,7 @@ def test_rigid_rmsd():
     assert rigid_rmsd(mirrored, points, allow_reflection=False) > 0.1  # a random point set is chiral
     noise = 0.01 * rng.normal(size=points.shape)
     noise -= noise.mean(0)
-    assert rigid_rmsd(points + noise, points) == pytest.approx(np.sqrt((noise ** 2).sum(1).mean()), rel=0.05)
+    assert rigid_rmsd(points + noise, points) == pytest.approx(np.sqrt((noise**2).sum(1).mean()), rel=0.05)
     with pytest.raises(ValueError):
         rigid_rmsd(points, points[:5])
 
@@ -356,10 +363,10 @@ def test_region_properties_of_an_ellipse():
     mask = np.zeros((100, 100), dtype=np.uint8)
     mask[ellipse(50, 45, a, b, shape=mask.shape, rotation=0.3)] = 1
     mask[disk((90, 90), 4)] = 1  # a smaller component, ignored
-    props = dict(zip(REGION_PROPERTIES, region_properties(mask)))
+    props = dict(zip(REGION_PROPERTIES, region_properties(mask), strict=True))
     assert region_properties(mask).dtype == np.float64 and len(props) == 6
     assert props["area"] == pytest.approx(np.pi * a * b, rel=0.02)
-    assert props["eccentricity"] == pytest.approx(np.sqrt(1 - b ** 2 / a ** 2), abs=0.03)
+    assert props["eccentricity"] == pytest.approx(np.sqrt(1 - b**2 / a**2), abs=0.03)
     assert props["major_axis_length"] == pytest.approx(2 * a, rel=0.02)
     assert props["minor_axis_length"] == pytest.approx(2 * b, rel=0.03)
     ramanujan = np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b)))
@@ -403,15 +410,20 @@ def test_model_shapes_and_gradients(n):
 
 
 def test_model_loss_is_invariant_recon_plus_weighted_penalties():
-    model = DistanceMatrixAutoEncoder(32, 4, width=WIDTH, diagonal_weight=0.5, symmetry_weight=2.0,
-                                      nonnegative_weight=3.0)
+    model = DistanceMatrixAutoEncoder(
+        32, 4, width=WIDTH, diagonal_weight=0.5, symmetry_weight=2.0, nonnegative_weight=3.0
+    )
     assert model.loss_weights == {"diagonal": 0.5, "symmetry": 2.0, "nonnegative": 3.0}
     x = ellipse_matrices(4, 32)
     out = model(x)
     reconstruction = out["reconstruction"][:, 0]
     penalties = matrix_penalties(reconstruction)
-    expected = (invariant_mse(reconstruction, x[:, 0]).mean() + 0.5 * penalties["diagonal"]
-                + 2.0 * penalties["symmetry"] + 3.0 * penalties["nonnegative"])
+    expected = (
+        invariant_mse(reconstruction, x[:, 0]).mean()
+        + 0.5 * penalties["diagonal"]
+        + 2.0 * penalties["symmetry"]
+        + 3.0 * penalties["nonnegative"]
+    )
     torch.testing.assert_close(model.loss(x, out), expected)
     torch.testing.assert_close(out["loss_terms"]["recon"], invariant_mse(reconstruction, x[:, 0]).mean())
     # Not the base class's plain MSE: that would be at least as large.

@@ -24,15 +24,18 @@ pytestmark = pytest.mark.slurm
 
 
 def _read_env_sh() -> dict:
-    out = subprocess.run(["bash", "-c", f"source {REPO}/slurm/devcluster/env.sh >/dev/null && env -0"],
-                         capture_output=True, check=True)
+    out = subprocess.run(
+        ["bash", "-c", f"source {REPO}/slurm/devcluster/env.sh >/dev/null && env -0"], capture_output=True, check=True
+    )
     return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
 
 
 @pytest.fixture(scope="session")
 def slurm():
     """Start (or reuse) the dev cluster and export its client settings into this process."""
-    up = subprocess.run(["bash", str(REPO / "slurm/devcluster/up.sh")], capture_output=True, text=True, timeout=900)
+    up = subprocess.run(
+        ["bash", str(REPO / "slurm/devcluster/up.sh")], capture_output=True, text=True, timeout=900, check=False
+    )
     if up.returncode != 0:
         message = f"SLURM dev cluster unavailable: {up.stdout[-2000:]}\n{up.stderr[-2000:]}"
         if os.environ.get("CI") == "true":
@@ -46,9 +49,14 @@ def slurm():
 
 
 def _sh(*args, timeout=300):
-    done = subprocess.run([*holly_hpc_exe(), *map(str, args)], capture_output=True, text=True,
-                          env={**env_for_subprocess(), **{k: os.environ[k] for k in ("SLURM_CONF",) if k in os.environ}},
-                          timeout=timeout)
+    done = subprocess.run(
+        [*holly_hpc_exe(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**env_for_subprocess(), **{k: os.environ[k] for k in ("SLURM_CONF",) if k in os.environ}},
+        timeout=timeout,
+        check=False,
+    )
     return done
 
 
@@ -59,7 +67,7 @@ def _runs(exp_dir):
 
 def _release_requeued(job_id: str) -> bool:
     """A requeued job waits 120 s (Reason=BeginTime) unless released; return True once it is no longer held."""
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, check=False)
     return True
 
 
@@ -75,13 +83,17 @@ def test_a_sweep_of_four_runs_as_a_slurm_array_with_job_ids(slurm, write_spec, t
     assert [r.state for r in runs] == ["succeeded"] * 4
     array_ids = {r.job_id.split("_")[0] for r in runs}
     assert len(array_ids) == 1 and sorted(int(r.job_id.split("_")[1]) for r in runs) == [0, 1, 2, 3]
+
     def status_rows():
         status = _sh("status", tmp_path / "runs" / "tiny")
         return [line.split() for line in status.stdout.splitlines()]
 
     # The registry can say succeeded a moment before SLURM has wrapped the job up.
-    rows = wait_for(lambda: (rows := status_rows()) and all(r[-1] == "COMPLETED" for r in rows[1:]) and rows,
-                     timeout=60, what="sacct to report COMPLETED")
+    rows = wait_for(
+        lambda: (rows := status_rows()) and all(r[-1] == "COMPLETED" for r in rows[1:]) and rows,
+        timeout=60,
+        what="sacct to report COMPLETED",
+    )
     assert rows[0][-2:] == ["job", "slurm"]
     assert [(r[1], r[2], r[7]) for r in rows[1:]] == [(r.task_id, "succeeded", r.job_id) for r in runs]
     logs = _sh("logs", tmp_path / "runs" / "tiny", "--task", "3")
@@ -92,8 +104,13 @@ def test_a_sweep_of_four_runs_as_a_slurm_array_with_job_ids(slurm, write_spec, t
 def max_array_size_3(slurm):
     """The dev cluster reconfigured with MaxArraySize=3 (indices 0-2) for one test, then restored."""
     up = REPO / "slurm/devcluster/up.sh"
-    subprocess.run(["bash", str(up)], env={**os.environ, "HOLLY_SLURM_MAX_ARRAY_SIZE": "3"}, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["bash", str(up)],
+        env={**os.environ, "HOLLY_SLURM_MAX_ARRAY_SIZE": "3"},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     try:
         yield 3
     finally:
@@ -144,12 +161,18 @@ def test_resources_the_cluster_refuses_are_refused_before_anything_is_frozen(slu
 
 def test_scancel_stops_the_task_at_a_step_with_a_checkpoint_and_no_requeue(slurm, write_spec, tmp_path):
     """SIGTERM (scancel, preemption) checkpoints at the next step boundary like SIGUSR2, but does not requeue."""
-    path = write_spec({**SLURM_SPEC, "train": {"steps": 100000, "log_every": 10, "checkpoint_every": 100000},
-                       "registry": {"flush_seconds": 0}})
+    path = write_spec(
+        {
+            **SLURM_SPEC,
+            "train": {"steps": 100000, "log_every": 10, "checkpoint_every": 100000},
+            "registry": {"flush_seconds": 0},
+        }
+    )
     assert _sh("submit", path).returncode == 0
     root = tmp_path / "runs" / "tiny"
-    run = wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 20 and r, poll=0.5,
-                    what="training to be under way")
+    run = wait_for(
+        lambda: (r := _runs(root)[0]).last_step and r.last_step >= 20 and r, poll=0.5, what="training to be under way"
+    )
     subprocess.run(["scancel", run.job_id], check=True)
     exp = Experiment.load(root)
     reg = open_registry(exp.registry_url)
@@ -174,18 +197,25 @@ def test_sigusr2_checkpoints_requeues_and_finishes_identically(slurm, write_spec
 
     # Heartbeats every log (flush_seconds 0), and long enough that the signal lands mid-run.
     changes = {"train": {"steps": 2000, "log_every": 20, "checkpoint_every": 200}, "registry": {"flush_seconds": 0}}
-    reference = write_spec({**changes, "experiment": "ref", "launch": {"cluster": "debug", "threads": 1}}, name="ref.yaml")
+    reference = write_spec(
+        {**changes, "experiment": "ref", "launch": {"cluster": "debug", "threads": 1}}, name="ref.yaml"
+    )
     assert submit(reference).registry.runs("ref")[0].state == "succeeded"
     path = write_spec({**SLURM_SPEC, **changes, "experiment": "pre"}, name="pre.yaml")
     assert _sh("submit", path).returncode == 0
     root = tmp_path / "runs" / "pre"
-    run = wait_for(lambda: (r := _runs(root)[0]).last_step and r.last_step >= 40 and r, poll=0.2,
-                    what="training to be under way")
+    run = wait_for(
+        lambda: (r := _runs(root)[0]).last_step and r.last_step >= 40 and r, poll=0.2, what="training to be under way"
+    )
     assert run.last_step < 2000
     subprocess.run(["scancel", "--signal=USR2", run.job_id], check=True)
     wait_for(lambda: _runs(root)[0].state == "pending", what="the checkpoint and requeue")
-    wait_for(lambda: _release_requeued(run.job_id) and _runs(root)[0].state == "succeeded", timeout=300, poll=3,
-              what="the requeued task to finish")
+    wait_for(
+        lambda: _release_requeued(run.job_id) and _runs(root)[0].state == "succeeded",
+        timeout=300,
+        poll=3,
+        what="the requeued task to finish",
+    )
     (final,) = _runs(root)
     assert final.attempts == 2
     ref = load_checkpoint(latest_checkpoint(Experiment.load(tmp_path / "runs" / "ref").task_dir(0) / "checkpoints"))
@@ -196,7 +226,7 @@ def test_sigusr2_checkpoints_requeues_and_finishes_identically(slurm, write_spec
     exp = Experiment.load(root)
     import sqlite3
 
-    with sqlite3.connect(exp.registry_url[len("sqlite:///"):]) as db:
+    with sqlite3.connect(exp.registry_url[len("sqlite:///") :]) as db:
         reasons = db.execute("SELECT exit_reason FROM attempts WHERE experiment = 'pre' ORDER BY attempt").fetchall()
     assert reasons == [("preempted",), ("completed",)]
 
@@ -215,7 +245,9 @@ def _two_rank_run(path, exp_dir, steps: int):
 
 
 def test_two_process_ddp_job_trains_and_ranks_agree(slurm, write_spec, tmp_path):
-    path = write_spec({**SLURM_SPEC, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}})
+    path = write_spec(
+        {**SLURM_SPEC, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}}
+    )
     exp, _ = _two_rank_run(path, tmp_path / "runs" / "tiny", steps=20)
     # Only rank 0 wrote outputs: one TensorBoard event file.
     assert len(list((exp.task_dir(0) / "tb").glob("events.out.tfevents.*"))) == 1
@@ -228,8 +260,15 @@ def test_two_process_ddp_embed_job_keeps_the_vq_codebook_identical_on_both_ranks
 
     from .test_embed_task import EMBED_TINY
 
-    spec = {"experiment": "tiny-embed", "output_root": str(tmp_path / "runs"), "seed": 1, "device": "cpu",
-            **EMBED_TINY, "resources": {"time": 10, "tasks_per_node": 2}, "launch": {"cluster": "slurm", "threads": 1}}
+    spec = {
+        "experiment": "tiny-embed",
+        "output_root": str(tmp_path / "runs"),
+        "seed": 1,
+        "device": "cpu",
+        **EMBED_TINY,
+        "resources": {"time": 10, "tasks_per_node": 2},
+        "launch": {"cluster": "slurm", "threads": 1},
+    }
     path = write_spec(raw=yaml.safe_dump(spec, sort_keys=False), name="embed.yaml")
     _, run = _two_rank_run(path, tmp_path / "runs" / "tiny-embed", steps=6)
     assert "eval_logreg_balanced_accuracy" in run.final_metrics
@@ -244,7 +283,9 @@ def test_exported_sbatch_script_runs_the_same_tasks(slurm, write_spec, tmp_path)
     assert "#SBATCH --array=0-1%2" in text and "SLURM_ARRAY_TASK_ID + 0" in text and "#SBATCH --signal=USR2@90" in text
     plan = _sh("plan", path, "--json")
     expected = [t["task_id"] for t in json.loads(plan.stdout)]
-    submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert submitted.returncode == 0, submitted.stderr
     root = tmp_path / "runs" / "tiny"
     wait_for(lambda: all(r.state == "succeeded" for r in _runs(root)), timeout=300, what="the sbatch tasks")

@@ -49,13 +49,13 @@ def test_all_errors_listed_with_file_line_column_and_key_path(write_spec):
     path = write_spec(raw=BAD)
     lines = problems_of(path)
     assert lines == [
-        f"{path}:1:13: experiment: expected a string matching ^[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}$, got a string (\"bad one\")",
+        f'{path}:1:13: experiment: expected a string matching ^[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}$, got a string ("bad one")',
         f"{path}:3:1: seeed: unknown key 'seeed'; did you mean 'seed'?",
         f"{path}:6:15: data.image_size: expected a value >= 8, got 4",
         f"{path}:7:10: data.sigma: expected a value > 0, got -1",
         f"{path}:9:3: train.lrr: unknown key 'lrr'; did you mean 'lr'?",
-        f"{path}:10:10: train.steps: expected an integer, got a string (\"many\")",
-        f"{path}:12:12: launch.cluster: expected one of \"local\", \"debug\", \"slurm\", got a string (\"slurmm\")",
+        f'{path}:10:10: train.steps: expected an integer, got a string ("many")',
+        f'{path}:12:12: launch.cluster: expected one of "local", "debug", "slurm", got a string ("slurmm")',
     ]
 
 
@@ -100,10 +100,12 @@ def test_missing_file_named():
 
 
 def test_sweep_errors_point_at_the_sweep_entry(write_spec):
-    path = write_spec(raw=(
-        "experiment: s\nkind: pose\ntrain:\n  steps: 100\n  log_every: 10\n"
-        "sweep:\n  grid:\n    train.lr: [0.1, -0.5]\n    train.log_every: [10, 1000]\n"
-    ))
+    path = write_spec(
+        raw=(
+            "experiment: s\nkind: pose\ntrain:\n  steps: 100\n  log_every: 10\n"
+            "sweep:\n  grid:\n    train.lr: [0.1, -0.5]\n    train.log_every: [10, 1000]\n"
+        )
+    )
     assert problems_of(path) == [
         f"{path}:8:21: sweep.grid.train.lr[1]: expected a value > 0, got -0.5",
         f"{path}:9:27: sweep.grid.train.log_every[1]: expected at most train.steps (100), got 1000",
@@ -111,11 +113,13 @@ def test_sweep_errors_point_at_the_sweep_entry(write_spec):
 
 
 def test_sweep_structure_errors(write_spec):
-    path = write_spec(raw=(
-        "experiment: s\nkind: pose\n"
-        "sweep:\n  grid:\n    data.sigmaa: [1, 2]\n    experiment: [a]\n    train.lr: [0.1]\n"
-        "  zip:\n    train.batch_size: [8, 16]\n    model.hidden: [8]\n    train.lr: [0.2]\n"
-    ))
+    path = write_spec(
+        raw=(
+            "experiment: s\nkind: pose\n"
+            "sweep:\n  grid:\n    data.sigmaa: [1, 2]\n    experiment: [a]\n    train.lr: [0.1]\n"
+            "  zip:\n    train.batch_size: [8, 16]\n    model.hidden: [8]\n    train.lr: [0.2]\n"
+        )
+    )
     assert problems_of(path) == [
         f"{path}:5:5: sweep.grid.data.sigmaa: 'data.sigmaa' is not a key of a pose spec; did you mean 'data.sigma'?",
         f"{path}:6:5: sweep.grid.experiment: 'experiment' is set once per experiment and cannot be swept",
@@ -127,7 +131,10 @@ def test_sweep_structure_errors(write_spec):
 def test_missing_obj_structure_is_a_semantic_error(write_spec, tmp_path):
     path = write_spec({"data": {"structure": "shapes/missing.obj"}})
     (line,) = problems_of(path)
-    assert f"data.structure: expected a built-in shape (torus, npc, tetrahedron, asymmetric) or an existing OBJ file, but {tmp_path}/shapes/missing.obj does not exist" in line
+    assert (
+        f"data.structure: expected a built-in shape (torus, npc, tetrahedron, asymmetric) or an existing OBJ file, but {tmp_path}/shapes/missing.obj does not exist"
+        in line
+    )
 
 
 def test_bad_obj_file_names_its_line(write_spec, tmp_path):
@@ -219,8 +226,19 @@ def test_resource_rules_and_misspelled_resource_keys(write_spec):
         "resources.tasks_per_node: expected one process per GPU: tasks_per_node = gpus_per_node (2), got 1",
         "resources.nodes: expected 1 node with launch.cluster local (several nodes need slurm), got 2",
     ]
-    ok = write_spec({"launch": {"cluster": "slurm"}, "resources": {"gpus_per_node": 2, "tasks_per_node": 2, "nodes": 2,
-                                                                   "mem": "16G", "extra": {"mail-type": "END"}}}, name="ok.yaml")
+    ok = write_spec(
+        {
+            "launch": {"cluster": "slurm"},
+            "resources": {
+                "gpus_per_node": 2,
+                "tasks_per_node": 2,
+                "nodes": 2,
+                "mem": "16G",
+                "extra": {"mail-type": "END"},
+            },
+        },
+        name="ok.yaml",
+    )
     assert load_spec(ok).resolved["resources"]["extra"] == {"mail-type": "END"}
 
 

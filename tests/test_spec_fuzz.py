@@ -30,19 +30,55 @@ from .conftest import REPO
 
 SHIPPED = sorted((REPO / "jobspecs").glob("*.yaml"))
 # Problems about the document as a whole have no key to name.
-WHOLE_DOCUMENT = re.compile(r"is required but missing|expected a mapping at the top level|the spec is empty|"
-                            r"invalid YAML|not UTF-8|expands to more than|nested deeper")
+WHOLE_DOCUMENT = re.compile(
+    r"is required but missing|expected a mapping at the top level|the spec is empty|"
+    r"invalid YAML|not UTF-8|expands to more than|nested deeper"
+)
 PER_MUTANT_S = 20  # only a hang trips this; a mutant takes milliseconds
 
 
 # ------------------------------------------------------------------------------------------ mutations
 def _junk(rng: random.Random):
-    return rng.choice([
-        None, True, False, 0, -1, 2**53 + 1, 10**30, -(10**30), 1e308, float("nan"), float("inf"), -float("inf"),
-        1e-320, "", "x" * rng.choice([1, 300, 5000]), "a\nb", "debug\ntouch /tmp/pwned\n#", "a\rb", "\x1b[2J",
-        "\x7f", "\u2028", "\u202e", "ünïcødé ∂ 🧬", "../../etc", "/abs/path", "$(rm -rf ~)", "'; DROP TABLE runs; --",
-        [], [1, "a", None], {}, {"k": "v"}, [[[[[[1]]]]]], 3.5, "1e-3", "yes", "0x1F",
-    ])
+    return rng.choice(
+        [
+            None,
+            True,
+            False,
+            0,
+            -1,
+            2**53 + 1,
+            10**30,
+            -(10**30),
+            1e308,
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            1e-320,
+            "",
+            "x" * rng.choice([1, 300, 5000]),
+            "a\nb",
+            "debug\ntouch /tmp/pwned\n#",
+            "a\rb",
+            "\x1b[2J",
+            "\x7f",
+            "\u2028",
+            "\u202e",
+            "ünïcødé ∂ 🧬",
+            "../../etc",
+            "/abs/path",
+            "$(rm -rf ~)",
+            "'; DROP TABLE runs; --",
+            [],
+            [1, "a", None],
+            {},
+            {"k": "v"},
+            [[[[[[1]]]]]],
+            3.5,
+            "1e-3",
+            "yes",
+            "0x1F",
+        ]
+    )
 
 
 def _paths(node, prefix=()):
@@ -50,10 +86,10 @@ def _paths(node, prefix=()):
     yield prefix
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from _paths(value, prefix + (key,))
+            yield from _paths(value, (*prefix, key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _paths(value, prefix + (i,))
+            yield from _paths(value, (*prefix, i))
 
 
 def _get_parent(node, path):
@@ -82,16 +118,48 @@ def mutate_data(data: dict, rng: random.Random) -> dict:
         else:
             parent[path[-1]] = str(parent[path[-1]])
     if rng.random() < 0.2:  # a sweep of some kind
-        data["sweep"] = rng.choice([5, "x" * 1000, {"grid": {"train.lr": 0.5}}, {"grid": {"data.sigma": [1, 2]}},
-                                    {"zip": {"train.lr": [0.1], "train.steps": [1, 2]}}, {"seeds": 10**9},
-                                    {"grid": {"train.steps": list(range(1, 200)), "train.batch_size": list(range(1, 200))}}])
+        data["sweep"] = rng.choice(
+            [
+                5,
+                "x" * 1000,
+                {"grid": {"train.lr": 0.5}},
+                {"grid": {"data.sigma": [1, 2]}},
+                {"zip": {"train.lr": [0.1], "train.steps": [1, 2]}},
+                {"seeds": 10**9},
+                {"grid": {"train.steps": list(range(1, 200)), "train.batch_size": list(range(1, 200))}},
+            ]
+        )
     return data
 
 
 TEXT_PIECES = [
-    "\x00", "\x9b", "\ufeff", "\t\t", ": : :", "- - -", "[", "]]]]", "{", "&a", "*a", "*nowhere", "!!python/object/apply:os.system ['id']",
-    "!!binary 'garbage'", "!!int x", "!!timestamp 2024-02-30", "<<: *a", "? [a, b]\n: c", "---\n", "...\n", "%YAML 1.1\n",
-    "\n  bad indent: 1\n", "x: " + "[" * 200 + "]" * 200, "\"unterminated", "'", "# comment\n", "key: &r [*r]\n",
+    "\x00",
+    "\x9b",
+    "\ufeff",
+    "\t\t",
+    ": : :",
+    "- - -",
+    "[",
+    "]]]]",
+    "{",
+    "&a",
+    "*a",
+    "*nowhere",
+    "!!python/object/apply:os.system ['id']",
+    "!!binary 'garbage'",
+    "!!int x",
+    "!!timestamp 2024-02-30",
+    "<<: *a",
+    "? [a, b]\n: c",
+    "---\n",
+    "...\n",
+    "%YAML 1.1\n",
+    "\n  bad indent: 1\n",
+    "x: " + "[" * 200 + "]" * 200,
+    '"unterminated',
+    "'",
+    "# comment\n",
+    "key: &r [*r]\n",
 ]
 
 
@@ -102,7 +170,7 @@ def mutate_text(text: str, rng: random.Random) -> bytes:
     if action < 0.2:
         return bytes(rng.randrange(256) for _ in range(rng.randint(1, 400)))
     if action < 0.3:
-        return text[:rng.randint(0, len(text))].encode()
+        return text[: rng.randint(0, len(text))].encode()
     lines = text.splitlines(keepends=True) or [""]
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(lines))
@@ -117,7 +185,8 @@ def mutate_text(text: str, rng: random.Random) -> bytes:
     out = "".join(lines)
     if rng.random() < 0.1:
         out += "bomb0: &b0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
-            f"bomb{k}: &b{k} [{', '.join([f'*b{k - 1}'] * 9)}]\n" for k in range(1, 9))
+            f"bomb{k}: &b{k} [{', '.join([f'*b{k - 1}'] * 9)}]\n" for k in range(1, 9)
+        )
     return out.encode("utf-8", errors="surrogatepass")
 
 
@@ -183,9 +252,11 @@ def test_mutants_of_the_shipped_specs_are_accepted_clean_or_refused_with_a_place
             try:
                 outcomes[check_mutant(mutant, tmp_path / "runs")] += 1
             except Exception as exc:
-                raise AssertionError(f"HOLLY_FUZZ_SEED={seed}: mutant {n} of {source.name} ({mutant}) gave "
-                                     f"{type(exc).__name__}: {exc}\n--- mutant ---\n"
-                                     f"{mutant.read_bytes()[:2000]!r}") from exc
+                raise AssertionError(
+                    f"HOLLY_FUZZ_SEED={seed}: mutant {n} of {source.name} ({mutant}) gave "
+                    f"{type(exc).__name__}: {exc}\n--- mutant ---\n"
+                    f"{mutant.read_bytes()[:2000]!r}"
+                ) from exc
             finally:
                 signal.alarm(0)
     finally:

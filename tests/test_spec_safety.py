@@ -26,7 +26,17 @@ def spec_text(**sections) -> str:
 
 
 # ------------------------------------------------------------------------------- control characters
-INJECTIONS = ["debug\ntouch /tmp/x\n#", "a\rb", "a\x1b[2Jb", "x\x00y", "x\x7fy", "x\x85y", "x\u2028y", "x\u202ey", "a\n"]
+INJECTIONS = [
+    "debug\ntouch /tmp/x\n#",
+    "a\rb",
+    "a\x1b[2Jb",
+    "x\x00y",
+    "x\x7fy",
+    "x\x85y",
+    "x\u2028y",
+    "x\u202ey",
+    "a\n",
+]
 PLACES = [
     ({"resources": {"time": 10, "partition": "{}"}}, "resources.partition"),
     ({"resources": {"time": 10, "account": "{}"}}, "resources.account"),
@@ -57,7 +67,9 @@ def _fill(value, text):
 def test_control_characters_are_refused_in_every_string(write_spec, sections, key, injection):
     path = write_spec(raw=spec_text(**_fill(sections, injection)))
     lines = problems_of(path)
-    line_of_key = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith(key.split(".")[0] + ":"))
+    line_of_key = next(
+        i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith(key.split(".")[0] + ":")
+    )
     hits = [text for text in lines if f": {key}: control character U+" in text]
     assert hits, lines
     assert hits[0].startswith(f"{path}:{line_of_key}:")
@@ -87,16 +99,24 @@ def test_schema_patterns_match_the_whole_string():
 # ---------------------------------------------------------------------------------- size and shape
 def _validate_in_subprocess(path, memory_mb=500, timeout_s=60):
     """validate in a child limited to `memory_mb` of address space; the timeout only catches a hang."""
+
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
 
-    return subprocess.run([sys.executable, "-m", "holly_hpc.cli", "validate", str(path)], check=False, capture_output=True,
-                          text=True,
-                          timeout=timeout_s, preexec_fn=limit, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "holly_hpc.cli", "validate", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        preexec_fn=limit,
+        cwd=REPO,
+    )
 
 
 BOMB = "experiment: bomb\nkind: pose\na0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)
+)
 
 
 def test_alias_bomb_is_refused_in_bounded_time_and_memory(tmp_path):
@@ -111,12 +131,16 @@ def test_alias_bomb_is_refused_in_bounded_time_and_memory(tmp_path):
 
 
 def test_aliases_within_the_bound_still_work(write_spec):
-    path = write_spec(raw="experiment: ok\nkind: pose\ndevice: cpu\n"
-                          "data: &d {structure: torus, image_size: 16}\n"
-                          "sweep: {grid: {train.lr: &s [0.1, 0.2]}, zip: {data.sigma: *s}}\n")
+    path = write_spec(
+        raw="experiment: ok\nkind: pose\ndevice: cpu\n"
+        "data: &d {structure: torus, image_size: 16}\n"
+        "sweep: {grid: {train.lr: &s [0.1, 0.2]}, zip: {data.sigma: *s}}\n"
+    )
     spec = load_spec(path)
     assert spec.resolved["data"]["image_size"] == 16
-    assert [t.overrides for t in expand(spec)] == [{"train.lr": a, "data.sigma": b} for a in (0.1, 0.2) for b in (0.1, 0.2)]
+    assert [t.overrides for t in expand(spec)] == [
+        {"train.lr": a, "data.sigma": b} for a in (0.1, 0.2) for b in (0.1, 0.2)
+    ]
 
 
 def test_deep_nesting_is_refused_with_its_place(tmp_path):
@@ -141,19 +165,22 @@ def test_oversized_file_is_refused_before_parsing(write_spec):
 
 
 def test_long_sweep_string_is_a_type_error_not_a_sweep(write_spec):
-    path = write_spec(raw="experiment: s\nkind: pose\nsweep: {grid: {train.lr: \"" + "a" * 100_000 + "\"}}\n")
+    path = write_spec(raw='experiment: s\nkind: pose\nsweep: {grid: {train.lr: "' + "a" * 100_000 + '"}}\n')
     (line,) = problems_of(path)
     assert line.startswith(f"{path}:3:26: sweep.grid.train.lr: expected an array, got a string")
 
 
-@pytest.mark.parametrize("sweep,where,message", [
-    ("5", "3:8: sweep", "expected an object, got an integer (5)"),
-    ("{grid: {train.lr: 0.5}}", "3:26: sweep.grid.train.lr", "expected an array, got a number (0.5)"),
-    ("{zip: {train.lr: abc}}", "3:25: sweep.zip.train.lr", "expected an array, got a string (\"abc\")"),
-    ("{grid: {train.lr: []}}", "3:26: sweep.grid.train.lr", "expected at least 1 item(s), got 0"),
-    ("{seeds: many}", "3:16: sweep.seeds", "expected an integer, got a string (\"many\")"),
-    ("{grid: null}", "3:15: sweep.grid", "expected an object, got nothing (null)"),
-])
+@pytest.mark.parametrize(
+    "sweep,where,message",
+    [
+        ("5", "3:8: sweep", "expected an object, got an integer (5)"),
+        ("{grid: {train.lr: 0.5}}", "3:26: sweep.grid.train.lr", "expected an array, got a number (0.5)"),
+        ("{zip: {train.lr: abc}}", "3:25: sweep.zip.train.lr", 'expected an array, got a string ("abc")'),
+        ("{grid: {train.lr: []}}", "3:26: sweep.grid.train.lr", "expected at least 1 item(s), got 0"),
+        ("{seeds: many}", "3:16: sweep.seeds", 'expected an integer, got a string ("many")'),
+        ("{grid: null}", "3:15: sweep.grid", "expected an object, got nothing (null)"),
+    ],
+)
 def test_malformed_sweeps_are_spec_errors(write_spec, sweep, where, message):
     path = write_spec(raw=f"experiment: s\nkind: pose\nsweep: {sweep}\n")
     assert problems_of(path) == [f"{path}:{where}: {message}"]
@@ -167,7 +194,10 @@ def test_a_sweep_into_a_null_section_reports_the_section(write_spec):
 def test_a_swept_key_inside_another_swept_key_is_refused(write_spec):
     path = write_spec(raw="experiment: s\nkind: pose\nsweep: {grid: {data: [{sigma: 1}], data.sigma: [1, 2]}}\n")
     (line,) = problems_of(path)
-    assert line == f"{path}:3:36: sweep.grid.data.sigma: 'data.sigma' is inside 'data', which is swept too; sweep one of them"
+    assert (
+        line
+        == f"{path}:3:36: sweep.grid.data.sigma: 'data.sigma' is inside 'data', which is swept too; sweep one of them"
+    )
 
 
 def test_a_sweep_through_a_swept_scalar_is_a_spec_error(write_spec):
@@ -179,27 +209,33 @@ def test_sweeps_are_bounded_in_tasks(write_spec):
     grid = {f"train.{k}": list(range(1, 23)) for k in ("steps", "batch_size", "log_every")}
     path = write_spec(raw=spec_text(sweep={"grid": grid}))
     (line,) = problems_of(path)
-    assert line.endswith("sweep: expands to 10,648 tasks; at most 10,000 per experiment (split the sweep into several "
-                         "experiments)")
+    assert line.endswith(
+        "sweep: expands to 10,648 tasks; at most 10,000 per experiment (split the sweep into several experiments)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ numbers
-@pytest.mark.parametrize("text,key,shown", [
-    ("train: {lr: .nan}", "train.lr", "nan"),
-    ("train: {lr: .inf}", "train.lr", "inf"),
-    ("train: {lr: -.inf}", "train.lr", "-inf"),
-    ("train: {lr: 1e999}", "train.lr", "inf"),
-    ("resources: {time: .inf}", "resources.time", "inf"),
-    ("sweep: {grid: {data.sigma: [1.0, .nan]}}", "sweep.grid.data.sigma[1]", "nan"),
-])
+@pytest.mark.parametrize(
+    "text,key,shown",
+    [
+        ("train: {lr: .nan}", "train.lr", "nan"),
+        ("train: {lr: .inf}", "train.lr", "inf"),
+        ("train: {lr: -.inf}", "train.lr", "-inf"),
+        ("train: {lr: 1e999}", "train.lr", "inf"),
+        ("resources: {time: .inf}", "resources.time", "inf"),
+        ("sweep: {grid: {data.sigma: [1.0, .nan]}}", "sweep.grid.data.sigma[1]", "nan"),
+    ],
+)
 def test_non_finite_numbers_are_refused_everywhere(write_spec, text, key, shown):
     path = write_spec(raw=f"experiment: n\nkind: pose\n{text}\n")
     assert f": {key}: expected a finite number, got {shown}" in "\n".join(problems_of(path))
 
 
 def test_huge_numbers_are_refused_where_they_would_overflow(write_spec):
-    path = write_spec(raw="experiment: n\nkind: pose\ntrain: {steps: 123456789012345678901234567890}\n"
-                          "resources: {time: 1e300}\nlaunch: {threads: 100000}\n")
+    path = write_spec(
+        raw="experiment: n\nkind: pose\ntrain: {steps: 123456789012345678901234567890}\n"
+        "resources: {time: 1e300}\nlaunch: {threads: 100000}\n"
+    )
     lines = problems_of(path)
     assert any("train.steps: expected an integer between -2^53 and 2^53" in text for text in lines)
     assert any("resources.time: expected a value <= 525600, got 1e+300" in text for text in lines)
@@ -213,10 +249,16 @@ def test_an_integer_too_long_to_read_is_a_yaml_error(write_spec):
 
 
 # -------------------------------------------------------------------------------------- YAML itself
-@pytest.mark.parametrize("raw,where", [
-    (b"experiment: r\nkind: pose\ntrain: {lr: \x00}\n", "3:13: train.lr: invalid YAML: character U+0000"),
-    (b"experiment: r\nkind: pose\ntrain:\n  lr: 1\n  steps: \xc2\x9b\n", "5:10: train.steps: invalid YAML: character U+009B"),
-])
+@pytest.mark.parametrize(
+    "raw,where",
+    [
+        (b"experiment: r\nkind: pose\ntrain: {lr: \x00}\n", "3:13: train.lr: invalid YAML: character U+0000"),
+        (
+            b"experiment: r\nkind: pose\ntrain:\n  lr: 1\n  steps: \xc2\x9b\n",
+            "5:10: train.steps: invalid YAML: character U+009B",
+        ),
+    ],
+)
 def test_reader_errors_give_line_column_and_key_path(write_spec, raw, where):
     path = write_spec(raw="")
     path.write_bytes(raw)
@@ -231,11 +273,14 @@ def test_binary_garbage_is_not_utf8(write_spec):
     assert line.startswith(f"{path}:2:1: not UTF-8 text: byte 0xff")
 
 
-@pytest.mark.parametrize("value,message", [
-    ("!!int abc", "cannot read this tag:yaml.org,2002:int value"),
-    ("!!float x", "cannot read this tag:yaml.org,2002:float value"),
-    ("!!timestamp 2024-02-30", "cannot read this tag:yaml.org,2002:timestamp value"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("!!int abc", "cannot read this tag:yaml.org,2002:int value"),
+        ("!!float x", "cannot read this tag:yaml.org,2002:float value"),
+        ("!!timestamp 2024-02-30", "cannot read this tag:yaml.org,2002:timestamp value"),
+    ],
+)
 def test_values_their_tag_cannot_hold_are_yaml_errors(write_spec, value, message):
     path = write_spec(raw=f"experiment: r\nkind: pose\ntrain: {{steps: {value}}}\n")
     (line,) = problems_of(path)
@@ -272,13 +317,16 @@ def test_a_point_or_coincident_obj_is_refused_at_validate(write_spec, tmp_path, 
     (tmp_path / "dot.obj").write_text(vertices)
     path = write_spec({"data": {"structure": "dot.obj"}})
     (line,) = problems_of(path)
-    assert line.endswith(f"data.structure: {tmp_path}/dot.obj: expected a point cloud with an extent, but all "
-                         f"{vertices.count('v')} vertices lie at (1, 2, 3)")
+    assert line.endswith(
+        f"data.structure: {tmp_path}/dot.obj: expected a point cloud with an extent, but all "
+        f"{vertices.count('v')} vertices lie at (1, 2, 3)"
+    )
 
 
 def test_the_reconstruct_init_obj_is_read_at_validate(write_spec, tmp_path):
     (tmp_path / "dot.obj").write_text("v 0 0 0\n")
-    path = write_spec(raw="experiment: r\nkind: reconstruct\ndata: {source: simulate, image_size: 16}\n"
-                          "model: {init: dot.obj}\n")
+    path = write_spec(
+        raw="experiment: r\nkind: reconstruct\ndata: {source: simulate, image_size: 16}\nmodel: {init: dot.obj}\n"
+    )
     (line,) = [text for text in problems_of(path) if "model.init" in text]
     assert "expected a point cloud with an extent" in line

@@ -31,8 +31,10 @@ def _spec(tmp_path_factory, grid_sizes: dict, zip_len: int, seeds: int, data) ->
     grid = {k: data.draw(st.lists(SWEEPABLE[k], min_size=n, max_size=n, unique=True)) for k, n in grid_sizes.items()}
     zipped = {}
     if zip_len:
-        zipped = {k: data.draw(st.lists(SWEEPABLE[k], min_size=zip_len, max_size=zip_len))
-                  for k in ("train.batch_size", "model.hidden")}
+        zipped = {
+            k: data.draw(st.lists(SWEEPABLE[k], min_size=zip_len, max_size=zip_len))
+            for k in ("train.batch_size", "model.hidden")
+        }
     doc = {**TINY, "sweep": {"grid": grid, "zip": zipped, "seeds": seeds}}
     path = tmp_path_factory.mktemp("sweep") / "s.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -67,7 +69,7 @@ def test_expansion_count_stability_and_seeds(tmp_path_factory, shape, data):
     if zipped:
         # zip keeps rows together
         rows = {(t.overrides["train.batch_size"], t.overrides["model.hidden"]) for t in tasks}
-        assert rows == set(zip(zipped["train.batch_size"], zipped["model.hidden"]))
+        assert rows == set(zip(zipped["train.batch_size"], zipped["model.hidden"], strict=True))
 
 
 def test_no_sweep_gives_one_task_with_the_base_config(write_spec):
@@ -97,4 +99,8 @@ def test_seeds_replicates_differ_only_by_seed(write_spec):
 def test_grid_order_follows_the_spec(write_spec):
     tasks = expand(load_spec(write_spec({"sweep": {"grid": {"train.lr": [0.1, 0.2], "data.sigma": [1.0, 2.0]}}})))
     assert [(t.overrides["train.lr"], t.overrides["data.sigma"]) for t in tasks] == [
-        (0.1, 1.0), (0.1, 2.0), (0.2, 1.0), (0.2, 2.0)]
+        (0.1, 1.0),
+        (0.1, 2.0),
+        (0.2, 1.0),
+        (0.2, 2.0),
+    ]

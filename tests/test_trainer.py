@@ -52,7 +52,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(write_spec, tmp_path):
     assert a["step"] == b["step"] == 20
     for key, tensor in a["kind"]["net"].items():
         assert torch.equal(tensor, b["kind"]["net"][key]), key
-    for pa, pb in zip(a["kind"]["optimizer"]["state"].values(), b["kind"]["optimizer"]["state"].values()):
+    for pa, pb in zip(a["kind"]["optimizer"]["state"].values(), b["kind"]["optimizer"]["state"].values(), strict=True):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     # The metrics logged across the interruption equal the uninterrupted run's.
@@ -66,8 +66,19 @@ def test_outputs_readable_back(write_spec, tmp_path):
 
     exp, reg = _experiment(write_spec, tmp_path, "outs")
     reg.upsert_experiment(exp.name, "", "", str(exp.root))
-    reg.upsert_runs(exp.name, [{"task_index": 0, "task_id": exp.task(0).task_id, "config": "{}", "config_hash": "",
-                                "seed": 0, "out_dir": ""}])
+    reg.upsert_runs(
+        exp.name,
+        [
+            {
+                "task_index": 0,
+                "task_id": exp.task(0).task_id,
+                "config": "{}",
+                "config_hash": "",
+                "seed": 0,
+                "out_dir": "",
+            }
+        ],
+    )
     result = run_task(exp, 0, registry=reg, out=io.StringIO())
     task_dir = exp.task_dir(0)
 
@@ -83,7 +94,9 @@ def test_outputs_readable_back(write_spec, tmp_path):
     hp = ea.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hp)
     # TensorBoard stores float32
-    assert ea.Scalars("hparams/rot_err_median_deg")[-1].value == pytest.approx(result.final_metrics["rot_err_median_deg"], rel=1e-6)
+    assert ea.Scalars("hparams/rot_err_median_deg")[-1].value == pytest.approx(
+        result.final_metrics["rot_err_median_deg"], rel=1e-6
+    )
 
     # zarr v3: one slot per log interval, plus the task's arrays.
     group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")
@@ -115,8 +128,19 @@ def test_a_failing_registry_does_not_stop_training_and_nothing_is_lost(write_spe
 
     exp, good = _experiment(write_spec, tmp_path, "noreg")
     good.upsert_experiment(exp.name, "", "", str(exp.root))
-    good.upsert_runs(exp.name, [{"task_index": 0, "task_id": exp.task(0).task_id, "config": "{}", "config_hash": "",
-                                 "seed": 0, "out_dir": ""}])
+    good.upsert_runs(
+        exp.name,
+        [
+            {
+                "task_index": 0,
+                "task_id": exp.task(0).task_id,
+                "config": "{}",
+                "config_hash": "",
+                "seed": 0,
+                "out_dir": "",
+            }
+        ],
+    )
     # A database that is away: every write raises.
     broken = open_registry(f"sqlite:///{tmp_path / 'missing-dir' / 'nested' / 'r.sqlite'}")
     spool = exp.task_dir(0) / SPOOL_FILE

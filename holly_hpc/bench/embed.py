@@ -44,16 +44,27 @@ def config(size: int, batch: int, width: int, device: str, augment: bool = True)
     """The embed config a user would run: synthetic cells, every image cached, VQ-VAE of `width`.
     augment=False switches the augmentations off (used by the tests to compare one step exactly)."""
     spec = {
-        "experiment": "bench", "kind": "embed", "seed": 0, "device": device,
-        "data": {"source": "synthetic", "image_size": size, "cache_mb": 1 << 20, "eval_size": batch,
-                 "synthetic": {"count": 4 * batch, "classes": 4}},
+        "experiment": "bench",
+        "kind": "embed",
+        "seed": 0,
+        "device": device,
+        "data": {
+            "source": "synthetic",
+            "image_size": size,
+            "cache_mb": 1 << 20,
+            "eval_size": batch,
+            "synthetic": {"count": 4 * batch, "classes": 4},
+        },
         "model": {"family": "vqvae", "width": width, "depth": 18, "grid": 4, "code_dim": 8, "codebook_size": 128},
         "train": {"steps": 10_000, "batch_size": batch},
     }
     if not augment:
         spec["data"]["augment"] = {"flips": False, "rot90": False, "intensity_jitter": 0.0}
-    return {k: v for k, v in apply_defaults(spec).items()
-            if k not in ("experiment", "output_root", "sweep", "launch", "registry")}
+    return {
+        k: v
+        for k, v in apply_defaults(spec).items()
+        if k not in ("experiment", "output_root", "sweep", "launch", "registry")
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -78,8 +89,9 @@ def plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach()
 
 
-def plain_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, batch: int,
-               aug: dict, seed: int = 0) -> Callable[[], torch.Tensor]:
+def plain_loop(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, batch: int, aug: dict, seed: int = 0
+) -> Callable[[], torch.Tensor]:
     """The hand-written loop over `images` (N, C, S, S) already on the device, as a function that runs
     its next step: epochs of a seeded randperm, sliced into batches, augmented, then plain_step."""
     from ..embed.data import augment
@@ -93,7 +105,7 @@ def plain_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     def step() -> torch.Tensor:
         if state["at"] + batch > len(state["order"]):  # a new epoch
             state["order"], state["at"] = torch.randperm(len(images), generator=generator).to(images.device), 0
-        x = images[state["order"][state["at"]:state["at"] + batch]]
+        x = images[state["order"][state["at"] : state["at"] + batch]]
         state["at"] += batch
         x = augment(x, generator, aug["flips"], aug["rot90"], aug["intensity_jitter"])
         return plain_step(model, optimizer, x)
@@ -143,12 +155,22 @@ def measure(device: str, size: int, batch: int, width: int, steps: int, warmup: 
             rates[side].append(n * batch / (time.perf_counter() - t0))
         step += n
         done += n
-        _log(f"[bench embed]   {done}/{steps} steps: {rates['framework'][-1]:.1f} images/s, "
-             f"plain {rates['plain'][-1]:.1f} images/s")
+        _log(
+            f"[bench embed]   {done}/{steps} steps: {rates['framework'][-1]:.1f} images/s, "
+            f"plain {rates['plain'][-1]:.1f} images/s"
+        )
     framework, reference = statistics.median(rates["framework"]), statistics.median(rates["plain"])
-    return {"model": "vqvae", "size": size, "batch": batch, "images_per_s": round(framework, 2),
-            "plain_images_per_s": round(reference, 2), "ratio_vs_plain": round(framework / reference, 3),
-            "device": device, "width": width, "steps": steps}
+    return {
+        "model": "vqvae",
+        "size": size,
+        "batch": batch,
+        "images_per_s": round(framework, 2),
+        "plain_images_per_s": round(reference, 2),
+        "ratio_vs_plain": round(framework / reference, 3),
+        "device": device,
+        "width": width,
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{'model':6} {'size':>5} {'batch':>5} {'images/s':>9} {'plain images/s':>15} {'ratio':>6}")
     for r in rows:
-        print(f"{r['model']:6} {r['size']:>5} {r['batch']:>5} {r['images_per_s']:>9.1f} "
-              f"{r['plain_images_per_s']:>15.1f} {r['ratio_vs_plain']:>6.3f}")
-    print(f"(device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; width {args.width}, "
-          f"{args.steps} timed steps per side; target ratio >= {TARGET_RATIO})")
+        print(
+            f"{r['model']:6} {r['size']:>5} {r['batch']:>5} {r['images_per_s']:>9.1f} "
+            f"{r['plain_images_per_s']:>15.1f} {r['ratio_vs_plain']:>6.3f}"
+        )
+    print(
+        f"(device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; width {args.width}, "
+        f"{args.steps} timed steps per side; target ratio >= {TARGET_RATIO})"
+    )
     return 0

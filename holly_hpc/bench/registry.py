@@ -26,8 +26,11 @@ def _writer(url: str, experiment: str, index: int, rows: int, batch: int, start_
     while time.time() < start_at:  # every writer starts together
         time.sleep(0.001)
     for first in range(0, rows, batch):
-        registry.log_metrics(experiment, index, [(step, "loss", float(step), time.time())
-                                                 for step in range(first, min(first + batch, rows))])
+        registry.log_metrics(
+            experiment,
+            index,
+            [(step, "loss", float(step), time.time()) for step in range(first, min(first + batch, rows))],
+        )
 
 
 def measure(url: str, writers: int, rows: int, batch: int) -> dict:
@@ -36,8 +39,13 @@ def measure(url: str, writers: int, rows: int, batch: int) -> dict:
     experiment = f"bench-{uuid.uuid4().hex[:8]}"
     # One run per writer, as submit registers them: metrics of a run the registry does not hold are refused.
     registry.upsert_experiment(experiment, "", "", tempfile.gettempdir())
-    registry.upsert_runs(experiment, [{"task_index": i, "task_id": f"{i:04d}-bench", "config": "{}", "config_hash": "",
-                                       "seed": i, "out_dir": ""} for i in range(writers)])
+    registry.upsert_runs(
+        experiment,
+        [
+            {"task_index": i, "task_id": f"{i:04d}-bench", "config": "{}", "config_hash": "", "seed": i, "out_dir": ""}
+            for i in range(writers)
+        ],
+    )
     ctx = mp.get_context("spawn")
     start_at = time.time() + 3.0  # time for the interpreters to start
     procs = [ctx.Process(target=_writer, args=(url, experiment, i, rows, batch, start_at)) for i in range(writers)]
@@ -49,8 +57,14 @@ def measure(url: str, writers: int, rows: int, batch: int) -> dict:
     failed = sum(1 for p in procs if p.exitcode != 0)
     counted = registry.count_metrics(experiment)
     expected = writers * rows
-    return {"backend": "postgresql" if is_postgres(url) else "sqlite", "writers": writers, "rows": counted,
-            "rows_per_s": round(counted / elapsed, 1), "lost": expected - counted, "failed_writers": failed}
+    return {
+        "backend": "postgresql" if is_postgres(url) else "sqlite",
+        "writers": writers,
+        "rows": counted,
+        "rows_per_s": round(counted / elapsed, 1),
+        "lost": expected - counted,
+        "failed_writers": failed,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             urls.append(sqlite_url)
         results = []
         for url in urls:
-            print(f"  {len(results) + 1}/{len(urls)}: {args.writers} writers x {args.rows} rows ...", file=sys.stderr, flush=True)
+            print(
+                f"  {len(results) + 1}/{len(urls)}: {args.writers} writers x {args.rows} rows ...",
+                file=sys.stderr,
+                flush=True,
+            )
             results.append(measure(url, args.writers, args.rows, args.batch))
     if args.json:
         print(json.dumps([{k: r[k] for k in ("backend", "writers", "rows", "rows_per_s", "lost")} for r in results]))

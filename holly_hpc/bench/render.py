@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -126,7 +126,7 @@ def run(
         for sigma in sigmas:
             for impl, render in IMPLS.items():
 
-                def step() -> None:
+                def step(pts=pts, rot=rot, sigma=sigma, render=render) -> None:  # bound now, not at call time
                     pts.grad = None
                     render(pts, rot, sigma, size).sum().backward()
 
@@ -136,8 +136,18 @@ def run(
                 pts.grad = None  # freed here, not inside the measured pass
                 peak = peak_bytes(step, device)
                 _log(f"[bench render]   {ms:.2f} ms, peak {peak / MB:.2f} MB")
-                rows.append({"impl": impl, "device": device, "batch": batch, "points": points, "size": size,
-                             "sigma": float(sigma), "fwd_bwd_ms": ms, "peak_mb": peak / MB})
+                rows.append(
+                    {
+                        "impl": impl,
+                        "device": device,
+                        "batch": batch,
+                        "points": points,
+                        "size": size,
+                        "sigma": float(sigma),
+                        "fwd_bwd_ms": ms,
+                        "peak_mb": peak / MB,
+                    }
+                )
     return rows
 
 
@@ -161,13 +171,24 @@ def format_table(rows: list[dict]) -> str:
     cells = []
     for r in rows:
         ratio = ratios.get((r["device"], r["sigma"])) if r["impl"] == "fast" else None
-        cells.append([r["impl"], r["device"], str(r["batch"]), str(r["points"]), str(r["size"]), f"{r['sigma']:g}",
-                      f"{r['fwd_bwd_ms']:.2f}", f"{r['peak_mb']:.3f}",
-                      _times(ratio[0]) if ratio else "-", _times(ratio[1]) if ratio else "-"])
+        cells.append(
+            [
+                r["impl"],
+                r["device"],
+                str(r["batch"]),
+                str(r["points"]),
+                str(r["size"]),
+                f"{r['sigma']:g}",
+                f"{r['fwd_bwd_ms']:.2f}",
+                f"{r['peak_mb']:.3f}",
+                _times(ratio[0]) if ratio else "-",
+                _times(ratio[1]) if ratio else "-",
+            ]
+        )
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines + [""] + _footnotes(rows, ratios))
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([*lines, "", *_footnotes(rows, ratios)])
 
 
 def _load_note() -> list[str]:
@@ -194,20 +215,23 @@ def _footnotes(rows: list[dict], ratios: dict) -> list[str]:
         if r["sigma"] == rows[0]["sigma"]:
             est = analytic_bytes(r["impl"], r["batch"], r["points"], r["size"]) / MB
             kind = "one (B,N,H,W) float32 tensor" if r["impl"] == "reference" else "B·N·(H+W)·4 + B·H·W·4 B"
-            notes.append(f"analytic: {r['impl']} needs ≥ {kind} = {est:.3g} MB; measured {r['peak_mb']:.3g} MB "
-                         f"({r['peak_mb'] / est:.1f}x) on {r['device']} at sigma {r['sigma']:g}.")
+            notes.append(
+                f"analytic: {r['impl']} needs ≥ {kind} = {est:.3g} MB; measured {r['peak_mb']:.3g} MB "
+                f"({r['peak_mb'] / est:.1f}x) on {r['device']} at sigma {r['sigma']:g}."
+            )
     fast_cpu = [s for (d, sig), (s, _) in ratios.items() if d == "cpu" and sig <= TARGET_SPEEDUP_MAX_SIGMA]
     if fast_cpu:
         met = "MET" if min(fast_cpu) >= TARGET_SPEEDUP else "NOT MET"
-        notes.append(f"target: fast ≥ {TARGET_SPEEDUP:.0f}x faster on cpu at sigma ≤ {TARGET_SPEEDUP_MAX_SIGMA:g} "
-                     f"px: {met} (lowest {_times(min(fast_cpu))}).")
+        notes.append(
+            f"target: fast ≥ {TARGET_SPEEDUP:.0f}x faster on cpu at sigma ≤ {TARGET_SPEEDUP_MAX_SIGMA:g} "
+            f"px: {met} (lowest {_times(min(fast_cpu))})."
+        )
     else:
         notes.append(f"target: speed on cpu at sigma ≤ {TARGET_SPEEDUP_MAX_SIGMA:g} px: not measured.")
     mem = [m for _, m in ratios.values()]
     if mem:
         met = "MET" if min(mem) >= TARGET_MEMORY else "NOT MET"
-        notes.append(f"target: fast ≥ {TARGET_MEMORY:.0f}x less peak memory: {met} "
-                     f"(lowest {_times(min(mem))}).")
+        notes.append(f"target: fast ≥ {TARGET_MEMORY:.0f}x less peak memory: {met} (lowest {_times(min(mem))}).")
     return notes
 
 
@@ -228,8 +252,12 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=_positive, default=DEFAULTS["size"], help="image side in pixels")
     parser.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULTS["sigmas"]), help="in pixels")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
-    parser.add_argument("--repeats", type=_positive, default=None, help="timed runs per measurement "
-                        f"(default {REPEATS['fast']} fast, {REPEATS['reference']} reference)")
+    parser.add_argument(
+        "--repeats",
+        type=_positive,
+        default=None,
+        help=f"timed runs per measurement (default {REPEATS['fast']} fast, {REPEATS['reference']} reference)",
+    )
     parser.add_argument("--json", action="store_true", help="print only a JSON list of rows on stdout")
     args = parser.parse_args(argv)
     try:

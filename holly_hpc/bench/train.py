@@ -22,13 +22,24 @@ PAPER = {"image_size": 128, "batch": 20, "points": 230}
 
 def _config(image_size: int, batch: int, points: int, device: str) -> dict:
     spec = {
-        "experiment": "bench", "kind": "reconstruct", "seed": 0, "device": device,
-        "data": {"source": "simulate", "image_size": image_size, "sigma": [10.0, 1.4],
-                 "simulate": {"structure": "asymmetric", "num_points": points}},
+        "experiment": "bench",
+        "kind": "reconstruct",
+        "seed": 0,
+        "device": device,
+        "data": {
+            "source": "simulate",
+            "image_size": image_size,
+            "sigma": [10.0, 1.4],
+            "simulate": {"structure": "asymmetric", "num_points": points},
+        },
         "model": {"num_points": points},
         "train": {"steps": 10_000, "batch_size": batch},
     }
-    return {k: v for k, v in apply_defaults(spec).items() if k not in ("experiment", "output_root", "sweep", "launch", "registry")}
+    return {
+        k: v
+        for k, v in apply_defaults(spec).items()
+        if k not in ("experiment", "output_root", "sweep", "launch", "registry")
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -54,8 +65,14 @@ def measure(device: str, image_size: int, batch: int, points: int, steps: int, w
         _sync(dev)
         rates.append(chunk * batch / (time.perf_counter() - t0))
         print(f"  {device}: {len(rates) * chunk}/{steps} steps, {rates[-1]:.1f} images/s", file=sys.stderr, flush=True)
-    return {"device": device, "image_size": image_size, "batch": batch, "points": points, "steps": steps,
-            "images_per_s": round(statistics.median(rates), 1)}
+    return {
+        "device": device,
+        "image_size": image_size,
+        "batch": batch,
+        "points": points,
+        "steps": steps,
+        "images_per_s": round(statistics.median(rates), 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"{'device':8} {'size':>5} {'batch':>5} {'points':>6} {'steps':>5} {'images/s':>9}")
     for r in rows:
-        print(f"{r['device']:8} {r['image_size']:>5} {r['batch']:>5} {r['points']:>6} {r['steps']:>5} {r['images_per_s']:>9}")
-    print(f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads; reconstruct kind, simulated data, "
-          "sigma curriculum 10 -> 1.4 px)")
+        print(
+            f"{r['device']:8} {r['image_size']:>5} {r['batch']:>5} {r['points']:>6} {r['steps']:>5} {r['images_per_s']:>9}"
+        )
+    print(
+        f"(torch {torch.__version__}, {torch.get_num_threads()} CPU threads; reconstruct kind, simulated data, "
+        "sigma curriculum 10 -> 1.4 px)"
+    )
     return 0

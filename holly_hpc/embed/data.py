@@ -34,8 +34,12 @@ def make_collection(data: dict, seed: int, base_dir: Path) -> ImageCollection:
     if source == "synthetic":
         options = data["synthetic"]
         generated = SYNTHETIC_DATASETS[options.get("dataset", "cells")]
-        return generated(options["count"], options.get("size") or data["image_size"], options["classes"],
-                         options["seed"] if options.get("seed") is not None else seed)
+        return generated(
+            options["count"],
+            options.get("size") or data["image_size"],
+            options["classes"],
+            options["seed"] if options.get("seed") is not None else seed,
+        )
     options = dict(data[source])
     if source == "folder":
         options.setdefault("on_bad", data["on_bad_file"])
@@ -61,8 +65,12 @@ def data_problems(data: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         csv = resolve_path(labels, base_dir)
         problem = missing(csv, "none, folders or a CSV file")
         if problem or not csv.is_file():
-            problems.append((("data", "folder", "labels"), problem or f"expected none, folders or a CSV file, but {csv} "
-                                                                      "is not a file"))
+            problems.append(
+                (
+                    ("data", "folder", "labels"),
+                    problem or f"expected none, folders or a CSV file, but {csv} is not a file",
+                )
+            )
     if data["normalise"]["low"] >= data["normalise"]["high"]:
         problems.append((("data", "normalise"), "low must be below high"))
     if data["split"]["val"] + data["split"]["test"] >= 1:
@@ -88,8 +96,13 @@ def fit_to_size(image: torch.Tensor, size: int, offset: tuple[int, int] | None =
     if h > size or w > size:
         top, left = offset if offset is not None else ((h - size) // 2, (w - size) // 2)
         top, left = max(0, min(top, h - size)), max(0, min(left, w - size))
-        image = image[:, top:top + size, left:left + size] if h > size and w > size else \
-            image[:, top:top + size, :] if h > size else image[:, :, left:left + size]
+        image = (
+            image[:, top : top + size, left : left + size]
+            if h > size and w > size
+            else image[:, top : top + size, :]
+            if h > size
+            else image[:, :, left : left + size]
+        )
         _, h, w = image.shape
     if h < size or w < size:
         pad_h, pad_w = size - h, size - w
@@ -97,8 +110,7 @@ def fit_to_size(image: torch.Tensor, size: int, offset: tuple[int, int] | None =
     return image
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool,
-            jitter: float) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, flips: bool, rot90: bool, jitter: float) -> torch.Tensor:
     """Microscopy-safe augmentations of a batch (B, C, S, S) in [0, 1], vectorised over the batch: random
     horizontal flips and quarter turns (a cell has no up or down), and a small gain/offset jitter per image
     and channel (stains vary). Draws from `generator` always in the same order, whatever is switched on."""
@@ -124,8 +136,13 @@ class EmbedDataset:
     images into distance matrices); load(..., transformed=False) returns the images themselves.
     """
 
-    def __init__(self, collection: ImageCollection, data: dict, seed: int,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        collection: ImageCollection,
+        data: dict,
+        seed: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.collection, self.data, self.seed, self.transform = collection, data, seed, transform
         self.size = data["image_size"]
         self.low, self.high = data["normalise"]["low"], data["normalise"]["high"]
@@ -163,6 +180,7 @@ class EmbedDataset:
     def load(self, indices, transformed: bool = True) -> tuple[torch.Tensor, np.ndarray]:
         """A batch (B, ...) of the given items and the indices actually loaded (bad files are dropped
         under on_bad_file: skip, with a warning naming them; otherwise the error names the file)."""
+
         def one(index: int):
             try:
                 return self.prepare(int(index), transformed)
@@ -181,7 +199,7 @@ class EmbedDataset:
                 items = list(pool.map(one, indices))
         else:
             items = [one(i) for i in indices]
-        kept = [(i, item) for i, item in zip(indices, items) if item is not None]
+        kept = [(i, item) for i, item in zip(indices, items, strict=True) if item is not None]
         if not kept:
             raise ImageFormatError(f"every image of a batch failed to load (first: {self.collection.ids[indices[0]]})")
         return torch.stack([item for _, item in kept]), np.array([i for i, _ in kept], dtype=np.int64)
@@ -206,5 +224,5 @@ class EmbedDataset:
         """(loaded indices, items) in order, for embedding or evaluating a whole split."""
         indices = np.asarray(indices)
         for start in range(0, len(indices), batch_size):
-            items, kept = self.load(indices[start:start + batch_size], transformed)
+            items, kept = self.load(indices[start : start + batch_size], transformed)
             yield kept, items

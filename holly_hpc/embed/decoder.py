@@ -24,7 +24,7 @@ from .resnet import BasicBlock
 def upsamples_needed(seed_size: int, image_size: int) -> int:
     """The fewest ×2 upsamplings that take seed_size cells to at least image_size pixels."""
     count = 0
-    while seed_size * 2 ** count < image_size:
+    while seed_size * 2**count < image_size:
         count += 1
     return count
 
@@ -34,13 +34,13 @@ def upsampling_plan(image_size: int, max_seed: int = 4) -> tuple[int, int]:
     max_seed cells, then the smallest seed that still covers image_size, so the crop is small
     (48 -> seed 3, 4 stages, no crop; 50 -> seed 4, 4 stages, 64 cropped to 50)."""
     count = upsamples_needed(max_seed, image_size)
-    return -(-image_size // 2 ** count), count
+    return -(-image_size // 2**count), count
 
 
 def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """The central size x size pixels of x (B, C, H, W) with H, W >= size."""
     top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 class LatentExpansion(nn.Module):
@@ -70,8 +70,15 @@ class ResNetDecoder(nn.Module):
     output neither saturates nor flattens the gradient at the bright and dark ends.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, image_size: int, seed_size: int, width: int = 64,
-                 blocks_per_stage: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        image_size: int,
+        seed_size: int,
+        width: int = 64,
+        blocks_per_stage: int = 2,
+    ):
         super().__init__()
         if min(in_channels, out_channels, image_size, seed_size, width, blocks_per_stage) < 1:
             raise ValueError("decoder sizes, channels, width and blocks_per_stage must be positive")
@@ -88,6 +95,7 @@ class ResNetDecoder(nn.Module):
 
     def forward(self, seed: torch.Tensor) -> torch.Tensor:
         if tuple(seed.shape[-2:]) != (self.seed_size, self.seed_size):
-            raise ValueError(f"decoder expects a {self.seed_size}x{self.seed_size} seed grid, got "
-                             f"{tuple(seed.shape[-2:])}")
+            raise ValueError(
+                f"decoder expects a {self.seed_size}x{self.seed_size} seed grid, got {tuple(seed.shape[-2:])}"
+            )
         return centre_crop(self.head(self.stages(self.entry(seed))), self.image_size)

@@ -29,7 +29,11 @@ def _pipeline(name: str, seed: int, pca_components: int | None = None):
     if pca_components is not None:
         steps.append(PCA(n_components=pca_components, random_state=seed))
     if name == "logreg":
-        steps += [StandardScaler(), LogisticRegression(max_iter=2000)] if pca_components else [LogisticRegression(max_iter=2000)]
+        steps += (
+            [StandardScaler(), LogisticRegression(max_iter=2000)]
+            if pca_components
+            else [LogisticRegression(max_iter=2000)]
+        )
     elif name == "forest":
         steps.append(RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1))
     else:
@@ -47,8 +51,9 @@ def folds_for(labels: np.ndarray, folds: int) -> int:
     return int(min(folds, counts.min()))
 
 
-def probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0,
-          pca_components: int | None = None) -> dict[str, float]:
+def probe(
+    features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0, pca_components: int | None = None
+) -> dict[str, float]:
     """{"<classifier>_<score>": value} from out-of-fold predictions of each classifier."""
     from sklearn.metrics import balanced_accuracy_score, f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -64,8 +69,9 @@ def probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 
     return out
 
 
-def evaluate_readouts(readouts: dict[str, np.ndarray], labels, baseline_features: np.ndarray, baseline: str,
-                      folds: int = 5, seed: int = 0) -> dict:
+def evaluate_readouts(
+    readouts: dict[str, np.ndarray], labels, baseline_features: np.ndarray, baseline: str, folds: int = 5, seed: int = 0
+) -> dict:
     """Probe each readout of the same images (e.g. "embedding" and "features") and its baseline, on the same
     labels and folds.
 
@@ -74,8 +80,12 @@ def evaluate_readouts(readouts: dict[str, np.ndarray], labels, baseline_features
     """
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
-    report: dict = {"images": len(labels), "classes": {str(c): int(n) for c, n in zip(classes, counts)},
-                    "folds": folds_for(labels, folds), "chance_balanced_accuracy": 1 / len(classes)}
+    report: dict = {
+        "images": len(labels),
+        "classes": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
+        "folds": folds_for(labels, folds),
+        "chance_balanced_accuracy": 1 / len(classes),
+    }
     baselines: dict = {}
     for name, values in readouts.items():
         dim = int(np.asarray(values).reshape(len(values), -1).shape[1])

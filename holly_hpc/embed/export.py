@@ -28,17 +28,23 @@ def embed_items(model, dataset: EmbedDataset, indices: np.ndarray, batch_size: i
     model.eval()
     try:
         for start in range(0, len(indices), batch_size):
-            wanted = indices[start:start + batch_size]
+            wanted = indices[start : start + batch_size]
             items, kept = dataset.load(wanted)
             out = model(items.to(device))
-            yield (start, np.isin(wanted, kept), wanted, out["embedding"].float().cpu().numpy(),
-                   out["features"].float().cpu().numpy())
+            yield (
+                start,
+                np.isin(wanted, kept),
+                wanted,
+                out["embedding"].float().cpu().numpy(),
+                out["features"].float().cpu().numpy(),
+            )
     finally:
         model.train(was_training)
 
 
-def write_embeddings(group, name: str, model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int,
-                     device: torch.device) -> dict[str, np.ndarray]:
+def write_embeddings(
+    group, name: str, model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int, device: torch.device
+) -> dict[str, np.ndarray]:
     """Embed dataset items `indices` into group/name (layout above); returns {"embedding": (N, D),
     "features": (N, F)} in memory as well, NaN rows where an image was skipped."""
     indices = np.asarray(indices, dtype=np.int64)
@@ -46,18 +52,23 @@ def write_embeddings(group, name: str, model, dataset: EmbedDataset, indices: np
     chunk = (max(min(batch_size, n), 1),)
     sub = group.require_group(name)
     arrays = {
-        readout: sub.create_array(readout, shape=(n, dim), dtype="f4", chunks=(chunk[0], dim),
-                                  fill_value=np.nan, overwrite=True) for readout, dim in dims.items()}
-    arrays.update({
-        "index": sub.create_array("index", shape=(n,), dtype="i8", chunks=chunk, fill_value=-1, overwrite=True),
-        "id": sub.create_array("id", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
-        "label": sub.create_array("label", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
-    })
+        readout: sub.create_array(
+            readout, shape=(n, dim), dtype="f4", chunks=(chunk[0], dim), fill_value=np.nan, overwrite=True
+        )
+        for readout, dim in dims.items()
+    }
+    arrays.update(
+        {
+            "index": sub.create_array("index", shape=(n,), dtype="i8", chunks=chunk, fill_value=-1, overwrite=True),
+            "id": sub.create_array("id", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
+            "label": sub.create_array("label", shape=(n,), dtype=str, chunks=chunk, overwrite=True),
+        }
+    )
     out = {readout: np.full((n, dim), np.nan, dtype=np.float32) for readout, dim in dims.items()}
     ids, labels = dataset.collection.ids, dataset.labels
     for start, kept, wanted, *values in embed_items(model, dataset, indices, batch_size, device):
         rows = slice(start, start + len(wanted))
-        for readout, value in zip(dims, values):
+        for readout, value in zip(dims, values, strict=True):
             block = np.full((len(wanted), dims[readout]), np.nan, dtype=np.float32)
             block[kept] = value
             out[readout][rows] = block
@@ -65,6 +76,12 @@ def write_embeddings(group, name: str, model, dataset: EmbedDataset, indices: np
         arrays["index"][rows] = np.where(kept, wanted, -1)
         arrays["id"][rows] = np.array([ids[i] for i in wanted])
         arrays["label"][rows] = np.array([labels[i] or "" for i in wanted])
-    sub.attrs.update({"images": n, "skipped": int(np.isnan(out["embedding"][:, 0]).sum()) if n else 0,
-                      "dim": dims["embedding"], "feature_dim": dims["features"]})
+    sub.attrs.update(
+        {
+            "images": n,
+            "skipped": int(np.isnan(out["embedding"][:, 0]).sum()) if n else 0,
+            "dim": dims["embedding"],
+            "feature_dim": dims["features"],
+        }
+    )
     return out

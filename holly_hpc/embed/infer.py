@@ -42,9 +42,17 @@ def open_input(path: Path, config: dict, channels: int, labels: str, on_bad: str
     return FolderCollection(path, channels=channels, labels=labels, on_bad=on_bad)
 
 
-def embed_new_images(experiment: Experiment, index: int, input_path: Path, output: Path, labels: str = "none",
-                     batch_size: int | None = None, overwrite: bool = False, device: str | None = None,
-                     skip_bad: bool | None = None) -> dict:
+def embed_new_images(
+    experiment: Experiment,
+    index: int,
+    input_path: Path,
+    output: Path,
+    labels: str = "none",
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    skip_bad: bool | None = None,
+) -> dict:
     """Embed every image of input_path into the zarr store `output`; skip_bad None: as the run's spec says."""
     from ..runtime.task import select_device
 
@@ -62,12 +70,20 @@ def embed_new_images(experiment: Experiment, index: int, input_path: Path, outpu
     on_bad = config["data"]["on_bad_file"] if skip_bad is None else ("skip" if skip_bad else "fail")
     collection = open_input(input_path, config, state["channels"], labels, on_bad)
     if collection.channels != state["channels"]:
-        raise ValueError(f"{input_path}: images have {collection.channels} channel(s); "
-                         f"the model was trained on {state['channels']}")
-    data = {**config["data"], "split": {"val": 0.0, "test": 0.0}, "on_bad_file": on_bad}  # every new image is simply embedded
+        raise ValueError(
+            f"{input_path}: images have {collection.channels} channel(s); the model was trained on {state['channels']}"
+        )
+    data = {
+        **config["data"],
+        "split": {"val": 0.0, "test": 0.0},
+        "on_bad_file": on_bad,
+    }  # every new image is simply embedded
     shape = config["model"]["shape"]
-    transform = (ShapeTransform(shape["points"], shape["mask_channel"], shape["normalise_scale"])
-                 if config["model"]["family"] == "shape" else None)
+    transform = (
+        ShapeTransform(shape["points"], shape["mask_channel"], shape["normalise_scale"])
+        if config["model"]["family"] == "shape"
+        else None
+    )
     dataset = EmbedDataset(collection, data, config["seed"], transform)
 
     import zarr
@@ -76,11 +92,26 @@ def embed_new_images(experiment: Experiment, index: int, input_path: Path, outpu
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        embeddings = write_embeddings(group, "embeddings", model, dataset, np.arange(len(collection)),
-                                      batch_size or config["train"]["embed_batch_size"], dev)
-        group.attrs.update({"experiment": experiment.name, "task": index, "task_id": task.task_id,
-                            "checkpoint_step": int(payload["step"]), "input": str(input_path.resolve()),
-                            "family": config["model"]["family"], "bad_files": [list(b) for b in dataset.bad]})
+        embeddings = write_embeddings(
+            group,
+            "embeddings",
+            model,
+            dataset,
+            np.arange(len(collection)),
+            batch_size or config["train"]["embed_batch_size"],
+            dev,
+        )
+        group.attrs.update(
+            {
+                "experiment": experiment.name,
+                "task": index,
+                "task_id": task.task_id,
+                "checkpoint_step": int(payload["step"]),
+                "input": str(input_path.resolve()),
+                "family": config["model"]["family"],
+                "bad_files": [list(b) for b in dataset.bad],
+            }
+        )
         if output.exists():
             shutil.rmtree(output)
         tmp.rename(output)
@@ -88,5 +119,11 @@ def embed_new_images(experiment: Experiment, index: int, input_path: Path, outpu
         shutil.rmtree(tmp, ignore_errors=True)
     embeddings = embeddings["embedding"]
     skipped = int(np.isnan(embeddings).any(axis=1).sum()) if len(embeddings) else 0
-    return {"images": len(collection), "embedded": len(collection) - skipped, "skipped": skipped + len(collection.bad),
-            "dim": model.embedding_dim, "step": int(payload["step"]), "output": str(output)}
+    return {
+        "images": len(collection),
+        "embedded": len(collection) - skipped,
+        "skipped": skipped + len(collection.bad),
+        "dim": model.embedding_dim,
+        "step": int(payload["step"]),
+        "output": str(output),
+    }

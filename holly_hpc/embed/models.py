@@ -102,8 +102,10 @@ class EmbeddingModel(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{type(self).__name__} expects images (B, {expected[0]}, {expected[1]}, "
-                             f"{expected[2]}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects images (B, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}), got {tuple(x.shape)}"
+            )
 
 
 def pooled_linear(in_features: int, out_features: int) -> nn.Sequential:
@@ -115,8 +117,10 @@ def pooled_linear(in_features: int, out_features: int) -> nn.Sequential:
 def latent_decoder(latent_dim: int, out_channels: int, image_size: int, width: int) -> nn.Sequential:
     """Latent vector -> image: expansion to a small seed grid, then the ResNet decoder."""
     seed_size, _ = upsampling_plan(image_size)
-    return nn.Sequential(LatentExpansion(latent_dim, 8 * width, seed_size),
-                         ResNetDecoder(8 * width, out_channels, image_size, seed_size, width))
+    return nn.Sequential(
+        LatentExpansion(latent_dim, 8 * width, seed_size),
+        ResNetDecoder(8 * width, out_channels, image_size, seed_size, width),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -138,8 +142,13 @@ class AutoEncoder(EmbeddingModel):
         features = self.encoder(x)
         z = self.to_latent(features)
         reconstruction = self.decoder(z)
-        return {"reconstruction": reconstruction, "embedding": z, "features": features.mean((2, 3)),
-                "loss_terms": {"recon": reconstruction_loss(reconstruction, x)}, "stats": {}}
+        return {
+            "reconstruction": reconstruction,
+            "embedding": z,
+            "features": features.mean((2, 3)),
+            "loss_terms": {"recon": reconstruction_loss(reconstruction, x)},
+            "stats": {},
+        }
 
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in float32 early in training
@@ -159,8 +168,9 @@ class VAE(EmbeddingModel):
     embedding is always the posterior mean.
     """
 
-    def __init__(self, depth: int, in_channels: int, image_size: int, latent_dim: int, beta: float = 1.0,
-                 width: int = 64):
+    def __init__(
+        self, depth: int, in_channels: int, image_size: int, latent_dim: int, beta: float = 1.0, width: int = 64
+    ):
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
@@ -183,9 +193,16 @@ class VAE(EmbeddingModel):
         reconstruction = self.decoder(z)
         kl_nats = (-0.5 * (1 + logvar - mean.pow(2) - logvar.exp()).sum(dim=1)).mean()
         elements = x[0].numel()
-        return {"reconstruction": reconstruction, "embedding": mean, "features": features.mean((2, 3)), "mean": mean, "logvar": logvar, "z": z,
-                "loss_terms": {"recon": reconstruction_loss(reconstruction, x), "kl": kl_nats / elements},
-                "stats": {"kl_nats": kl_nats.detach()}}
+        return {
+            "reconstruction": reconstruction,
+            "embedding": mean,
+            "features": features.mean((2, 3)),
+            "mean": mean,
+            "logvar": logvar,
+            "z": z,
+            "loss_terms": {"recon": reconstruction_loss(reconstruction, x), "kl": kl_nats / elements},
+            "stats": {"kl_nats": kl_nats.detach()},
+        }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,8 +244,15 @@ class EMAVectorQuantiser(nn.Module):
     bincount, which syncs on CUDA), so a training step never waits on the GPU.
     """
 
-    def __init__(self, codebook_size: int, code_dim: int, decay: float = 0.99, dead_code_threshold: float = 1e-3,
-                 epsilon: float = 1e-5, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        codebook_size: int,
+        code_dim: int,
+        decay: float = 0.99,
+        dead_code_threshold: float = 1e-3,
+        epsilon: float = 1e-5,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if codebook_size < 2 or code_dim < 1:
             raise ValueError(f"need codebook_size >= 2 and code_dim >= 1, got {codebook_size}, {code_dim}")
@@ -259,15 +283,16 @@ class EMAVectorQuantiser(nn.Module):
             straight_through = z32 + (quantised - z32).detach()
         probabilities = counts / counts.sum()
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum()
-        stats = {"perplexity": entropy.exp(), "codes_used": (counts > 0).sum().float(),
-                 "dead_codes": dead.sum().float()}
-        return {"quantised": straight_through.to(z.dtype), "codes": codes, "commitment": commitment,
-                "stats": stats}
+        stats = {
+            "perplexity": entropy.exp(),
+            "codes_used": (counts > 0).sum().float(),
+            "dead_codes": dead.sum().float(),
+        }
+        return {"quantised": straight_through.to(z.dtype), "codes": codes, "commitment": commitment, "stats": stats}
 
     @torch.no_grad()
     def nearest_codes(self, z: torch.Tensor) -> torch.Tensor:
-        distances = (z.pow(2).sum(1, keepdim=True) - 2 * z @ self.codebook.t()
-                     + self.codebook.pow(2).sum(1)[None])
+        distances = z.pow(2).sum(1, keepdim=True) - 2 * z @ self.codebook.t() + self.codebook.pow(2).sum(1)[None]
         return distances.argmin(dim=1)
 
     @torch.no_grad()
@@ -319,9 +344,20 @@ class VQVAE(EmbeddingModel):
     out["codes"] (B, grid, grid) holds the code indices.
     """
 
-    def __init__(self, depth: int, in_channels: int, image_size: int, codebook_size: int, code_dim: int,
-                 grid: int = 4, ema_decay: float = 0.99, dead_code_threshold: float = 1e-3,
-                 commitment_weight: float = 0.25, width: int = 64, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int,
+        image_size: int,
+        codebook_size: int,
+        code_dim: int,
+        grid: int = 4,
+        ema_decay: float = 0.99,
+        dead_code_threshold: float = 1e-3,
+        commitment_weight: float = 0.25,
+        width: int = 64,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if grid < 1:
             raise ValueError(f"grid must be positive, got {grid}")
@@ -330,8 +366,9 @@ class VQVAE(EmbeddingModel):
         self.commitment_weight = float(commitment_weight)
         self.encoder = ResNetEncoder(depth, in_channels, width)
         self.to_grid = nn.Sequential(nn.AdaptiveAvgPool2d(grid), nn.Conv2d(self.encoder.out_channels, code_dim, 1))
-        self.quantiser = EMAVectorQuantiser(codebook_size, code_dim, ema_decay, dead_code_threshold,
-                                            generator=generator)
+        self.quantiser = EMAVectorQuantiser(
+            codebook_size, code_dim, ema_decay, dead_code_threshold, generator=generator
+        )
         self.decoder = ResNetDecoder(code_dim, in_channels, image_size, seed_size=grid, width=width)
 
     @property
@@ -346,11 +383,16 @@ class VQVAE(EmbeddingModel):
         q = self.quantiser(z_e.permute(0, 2, 3, 1).reshape(-1, self.code_dim))
         quantised = q["quantised"].view(batch, grid, grid, self.code_dim).permute(0, 3, 1, 2)
         reconstruction = self.decoder(quantised)
-        return {"reconstruction": reconstruction, "embedding": quantised.flatten(1), "quantised": quantised,
-                "features": features.mean((2, 3)),
-                "codes": q["codes"].view(batch, grid, grid), "encoded": z_e,
-                "loss_terms": {"recon": reconstruction_loss(reconstruction, x), "commitment": q["commitment"]},
-                "stats": {name: value.detach() for name, value in q["stats"].items()}}
+        return {
+            "reconstruction": reconstruction,
+            "embedding": quantised.flatten(1),
+            "quantised": quantised,
+            "features": features.mean((2, 3)),
+            "codes": q["codes"].view(batch, grid, grid),
+            "encoded": z_e,
+            "loss_terms": {"recon": reconstruction_loss(reconstruction, x), "commitment": q["commitment"]},
+            "stats": {name: value.detach() for name, value in q["stats"].items()},
+        }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,8 +438,12 @@ class ChannelFoldingWrapper(EmbeddingModel):
         folded = self.model(x.reshape(batch * channels, 1, height, width))
         per_channel = folded["embedding"].view(batch, channels, -1)
         consistency = (per_channel - per_channel.mean(dim=1, keepdim=True)).pow(2).mean()
-        return {"reconstruction": folded["reconstruction"].view(batch, channels, height, width),
-                "embedding": per_channel.flatten(1), "channel_embeddings": per_channel,
-                "features": folded["features"].view(batch, -1),
-                "loss_terms": {**folded["loss_terms"], "consistency": consistency},
-                "stats": folded["stats"], "folded": folded}
+        return {
+            "reconstruction": folded["reconstruction"].view(batch, channels, height, width),
+            "embedding": per_channel.flatten(1),
+            "channel_embeddings": per_channel,
+            "features": folded["features"].view(batch, -1),
+            "loss_terms": {**folded["loss_terms"], "consistency": consistency},
+            "stats": folded["stats"],
+            "folded": folded,
+        }

@@ -45,8 +45,11 @@ class BasicBlock(nn.Module):
         super().__init__()
         c_out = planes * self.expansion
         self.residual = nn.Sequential(
-            conv3x3(c_in, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            conv3x3(planes, c_out), nn.BatchNorm2d(c_out),
+            conv3x3(c_in, planes, stride),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            conv3x3(planes, c_out),
+            nn.BatchNorm2d(c_out),
         )
         self.shortcut = shortcut(c_in, c_out, stride)
         self.out_channels = c_out
@@ -64,9 +67,14 @@ class Bottleneck(nn.Module):
         super().__init__()
         c_out = planes * self.expansion
         self.residual = nn.Sequential(
-            conv1x1(c_in, planes), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            conv3x3(planes, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            conv1x1(planes, c_out), nn.BatchNorm2d(c_out),
+            conv1x1(c_in, planes),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            conv3x3(planes, planes, stride),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            conv1x1(planes, c_out),
+            nn.BatchNorm2d(c_out),
         )
         self.shortcut = shortcut(c_in, c_out, stride)
         self.out_channels = c_out
@@ -78,8 +86,7 @@ class Bottleneck(nn.Module):
 BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def make_stage(block: type[BasicBlock | Bottleneck], c_in: int, planes: int, blocks: int,
-               stride: int) -> nn.Sequential:
+def make_stage(block: type[BasicBlock | Bottleneck], c_in: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """`blocks` blocks; only the first changes the resolution and channel count."""
     layers = [block(c_in, planes, stride)]
     layers += [block(planes * block.expansion, planes) for _ in range(blocks - 1)]
@@ -106,7 +113,7 @@ class ResNetEncoder(nn.Module):
         self.stem = nn.Sequential(conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         stages, c_in = [], width
         for index, blocks in enumerate(layout):
-            planes = width * 2 ** index
+            planes = width * 2**index
             stages.append(make_stage(block, c_in, planes, blocks, stride=1 if index == 0 else 2))
             c_in = planes * block.expansion
         self.stages = nn.Sequential(*stages)

@@ -200,9 +200,12 @@ def invariant_mse_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.T
     torch.roll and torch.flip."""
     n = pred.shape[-1]
     result = []
-    for a, t in zip(pred, target):
-        errors = [(a - torch.roll(candidate, shifts=(s, s), dims=(0, 1))).pow(2).mean()
-                  for candidate in (t, t.flip(0, 1)) for s in range(n)]
+    for a, t in zip(pred, target, strict=True):
+        errors = [
+            (a - torch.roll(candidate, shifts=(s, s), dims=(0, 1))).pow(2).mean()
+            for candidate in (t, t.flip(0, 1))
+            for s in range(n)
+        ]
         result.append(torch.stack(errors).min())
     return torch.stack(result)
 
@@ -210,9 +213,11 @@ def invariant_mse_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.T
 def matrix_penalties(pred: torch.Tensor) -> dict[str, torch.Tensor]:
     """How far (B, N, N) is from being a distance matrix, as mean squares: "diagonal" (d_ii = 0),
     "symmetry" (d_ij = d_ji), "nonnegative" (d_ij >= 0). All exactly 0 for a true distance matrix."""
-    return {"diagonal": pred.diagonal(dim1=-2, dim2=-1).pow(2).mean(),
-            "symmetry": (pred - pred.transpose(-1, -2)).pow(2).mean(),
-            "nonnegative": torch.relu(-pred).pow(2).mean()}
+    return {
+        "diagonal": pred.diagonal(dim1=-2, dim2=-1).pow(2).mean(),
+        "symmetry": (pred - pred.transpose(-1, -2)).pow(2).mean(),
+        "nonnegative": torch.relu(-pred).pow(2).mean(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,15 +239,19 @@ def classical_mds(matrix: Array, dim: int = 2) -> Array:
         d = 0.5 * (d + d.transpose(-1, -2))
         d = d - torch.diag_embed(d.diagonal(dim1=-2, dim2=-1))
         squared = d.pow(2)
-        gram = -0.5 * (squared - squared.mean(-1, keepdim=True) - squared.mean(-2, keepdim=True)
-                       + squared.mean((-2, -1), keepdim=True))
+        gram = -0.5 * (
+            squared
+            - squared.mean(-1, keepdim=True)
+            - squared.mean(-2, keepdim=True)
+            + squared.mean((-2, -1), keepdim=True)
+        )
         values, vectors = torch.linalg.eigh(gram)  # ascending
         values, vectors = values[..., -dim:].flip(-1), vectors[..., -dim:].flip(-1)
         return (vectors * values.clamp_min(0).sqrt()[..., None, :]).to(matrix.dtype)
     d = np.asarray(matrix, dtype=np.float64)
     d = 0.5 * (d + d.T)
     np.fill_diagonal(d, 0.0)
-    squared = d ** 2
+    squared = d**2
     gram = -0.5 * (squared - squared.mean(1, keepdims=True) - squared.mean(0, keepdims=True) + squared.mean())
     values, vectors = np.linalg.eigh(gram)
     values, vectors = values[::-1][:dim], vectors[:, ::-1][:, :dim]
@@ -297,14 +306,25 @@ class DistanceMatrixAutoEncoder(EmbeddingModel):
     distance matrix.
     """
 
-    def __init__(self, points: int, latent_dim: int, depth: int = 18, width: int = 16,
-                 diagonal_weight: float = 1.0, symmetry_weight: float = 1.0, nonnegative_weight: float = 1.0):
+    def __init__(
+        self,
+        points: int,
+        latent_dim: int,
+        depth: int = 18,
+        width: int = 16,
+        diagonal_weight: float = 1.0,
+        symmetry_weight: float = 1.0,
+        nonnegative_weight: float = 1.0,
+    ):
         super().__init__()
         if min(diagonal_weight, symmetry_weight, nonnegative_weight) < 0:
             raise ValueError("penalty weights must be >= 0")
         self.in_channels, self.image_size, self.embedding_dim = 1, points, latent_dim
-        self.weights = {"diagonal": float(diagonal_weight), "symmetry": float(symmetry_weight),
-                        "nonnegative": float(nonnegative_weight)}
+        self.weights = {
+            "diagonal": float(diagonal_weight),
+            "symmetry": float(symmetry_weight),
+            "nonnegative": float(nonnegative_weight),
+        }
         self.encoder = ResNetEncoder(depth, 1, width)
         self.to_latent = pooled_linear(self.encoder.out_channels, latent_dim)
         self.decoder = latent_decoder(latent_dim, 1, points, width)
@@ -318,10 +338,14 @@ class DistanceMatrixAutoEncoder(EmbeddingModel):
         features = self.encoder(x)
         z = self.to_latent(features)
         reconstruction = self.decoder(z)
-        terms = {"recon": invariant_mse(reconstruction[:, 0], x[:, 0]).mean(),
-                 **matrix_penalties(reconstruction[:, 0])}
-        return {"reconstruction": reconstruction, "embedding": z, "features": features.mean((2, 3)),
-                "loss_terms": terms, "stats": {}}
+        terms = {"recon": invariant_mse(reconstruction[:, 0], x[:, 0]).mean(), **matrix_penalties(reconstruction[:, 0])}
+        return {
+            "reconstruction": reconstruction,
+            "embedding": z,
+            "features": features.mean((2, 3)),
+            "loss_terms": terms,
+            "stats": {},
+        }
 
     def loss(self, x: torch.Tensor, out: dict) -> torch.Tensor:
         # The base class's plain MSE would punish reading the same contour from another start.

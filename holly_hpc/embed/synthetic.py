@@ -65,8 +65,10 @@ class GeneratedCells(ImageCollection):
 
     def __init__(self, count: int, size: int = 64, classes: int = 4, seed: int = 0):
         if not 2 <= classes <= len(self.class_names):
-            raise ValueError(f"{self.dataset_name} has 2 to {len(self.class_names)} classes "
-                             f"({', '.join(self.class_names)}), got {classes}")
+            raise ValueError(
+                f"{self.dataset_name} has 2 to {len(self.class_names)} classes "
+                f"({', '.join(self.class_names)}), got {classes}"
+            )
         if size < 16:
             raise ValueError(f"generated cells need at least 16x16 pixels, got {size}")
         self.count, self.size, self.classes, self.seed = count, size, classes, seed
@@ -116,7 +118,7 @@ class SyntheticCells(GeneratedCells):
             outline = 1 + 0.04 * np.cos(3 * theta + rng.uniform(0, 2 * np.pi))  # no cell is a perfect ellipse
         edge = (outline - rho) * minor  # signed distance to the outline, about in pixels
         body = sigmoid(edge * 2.0)
-        rim = np.exp(-((edge - 1.0) / 1.2) ** 2)
+        rim = np.exp(-(((edge - 1.0) / 1.2) ** 2))
         mask = edge > 0
 
         # Nucleus: a smaller ellipse along the cell's axis, a little off centre.
@@ -132,7 +134,7 @@ class SyntheticCells(GeneratedCells):
             for _ in range(foci):
                 r, a = scale * radius * 0.8 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
                 fy, fx = r * np.sin(a), r * np.cos(a)
-                nucleus += 1.1 * np.exp(-((nu - fx) ** 2 + (nv - fy) ** 2) / (2 * 1.1 ** 2))
+                nucleus += 1.1 * np.exp(-((nu - fx) ** 2 + (nv - fy) ** 2) / (2 * 1.1**2))
 
         signal = np.stack([0.45 * body + 0.55 * rim * body.clip(0.2, 1), nucleus])
         gain = rng.uniform(0.6, 1.4, size=(2, 1, 1))
@@ -157,10 +159,10 @@ class InfectedRedCells(GeneratedCells):
         edge = (1 - rho) * minor
         body = sigmoid(edge * 2.0)
         thickness = body * (0.55 + 0.45 * np.clip(rho, 0, 1) ** 2)  # biconcave: thin centre, thick rim
-        halo = np.exp(-((edge + 1.0) / 1.0) ** 2)  # the bright defocus halo just outside the cell
+        halo = np.exp(-(((edge + 1.0) / 1.0) ** 2))  # the bright defocus halo just outside the cell
 
         def spot(at: tuple[float, float], sigma: float) -> np.ndarray:
-            return np.exp(-((u - at[1]) ** 2 + (v - at[0]) ** 2) / (2 * sigma ** 2))
+            return np.exp(-((u - at[1]) ** 2 + (v - at[0]) ** 2) / (2 * sigma**2))
 
         def somewhere(within: float) -> tuple[float, float]:
             """A point uniform over the disc of radius `within` around the cell's centre."""

@@ -45,23 +45,43 @@ def build_model(model: dict, channels: int, image_size: int, seed: int) -> Embed
         from .shape import DistanceMatrixAutoEncoder
 
         shape = model["shape"]
-        return DistanceMatrixAutoEncoder(shape["points"], model["latent_dim"], model["depth"], model["width"],
-                                         shape["diagonal_weight"], shape["symmetry_weight"],
-                                         shape["nonnegative_weight"])
+        return DistanceMatrixAutoEncoder(
+            shape["points"],
+            model["latent_dim"],
+            model["depth"],
+            model["width"],
+            shape["diagonal_weight"],
+            shape["symmetry_weight"],
+            shape["nonnegative_weight"],
+        )
     generator = torch.Generator().manual_seed(seed)  # dead-code restarts draw from it: seeded, resumable
     if family == "ae":
-        factory = functools.partial(AutoEncoder, model["depth"], image_size=image_size,
-                                    latent_dim=model["latent_dim"], width=model["width"])
+        factory = functools.partial(
+            AutoEncoder, model["depth"], image_size=image_size, latent_dim=model["latent_dim"], width=model["width"]
+        )
     elif family == "vae":
-        factory = functools.partial(VAE, model["depth"], image_size=image_size, latent_dim=model["latent_dim"],
-                                    beta=model["beta"], width=model["width"])
+        factory = functools.partial(
+            VAE,
+            model["depth"],
+            image_size=image_size,
+            latent_dim=model["latent_dim"],
+            beta=model["beta"],
+            width=model["width"],
+        )
     elif family == "vqvae":
-        factory = functools.partial(VQVAE, model["depth"], image_size=image_size,
-                                    codebook_size=model["codebook_size"], code_dim=model["code_dim"],
-                                    grid=model["grid"], ema_decay=model["ema_decay"],
-                                    dead_code_threshold=model["dead_code_threshold"],
-                                    commitment_weight=model["commitment_weight"], width=model["width"],
-                                    generator=generator)
+        factory = functools.partial(
+            VQVAE,
+            model["depth"],
+            image_size=image_size,
+            codebook_size=model["codebook_size"],
+            code_dim=model["code_dim"],
+            grid=model["grid"],
+            ema_decay=model["ema_decay"],
+            dead_code_threshold=model["dead_code_threshold"],
+            commitment_weight=model["commitment_weight"],
+            width=model["width"],
+            generator=generator,
+        )
     else:
         raise ValueError(f"unknown embed family {family!r}")
     if model["channel_mode"] == "fold":
@@ -87,7 +107,9 @@ class ShapeTransform:
         from skimage.filters import threshold_otsu
 
         if self.mask_channel >= image.shape[0]:
-            raise ValueError(f"model.shape.mask_channel {self.mask_channel} but the image has {image.shape[0]} channel(s)")
+            raise ValueError(
+                f"model.shape.mask_channel {self.mask_channel} but the image has {image.shape[0]} channel(s)"
+            )
         channel = image[self.mask_channel].numpy()
         if channel.max() <= channel.min():
             raise ValueError("the mask channel is constant: no cell to outline")
@@ -142,7 +164,9 @@ class EmbedTask(TaskKind):
         if model["family"] == "shape" and model["channel_mode"] == "fold":
             problems.append((("model", "channel_mode"), "the shape family embeds one mask per cell: use joint"))
         if model["family"] == "vqvae" and model["grid"] > data["image_size"]:
-            problems.append((("model", "grid"), f"a grid of {model['grid']} codes does not fit {data['image_size']}-pixel images"))
+            problems.append(
+                (("model", "grid"), f"a grid of {model['grid']} codes does not fit {data['image_size']}-pixel images")
+            )
         return problems
 
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
@@ -150,8 +174,11 @@ class EmbedTask(TaskKind):
         data, model, train = config["data"], config["model"], config["train"]
         self.family = model["family"]
         collection = make_collection(data, config["seed"], base_dir)
-        self.shape = (ShapeTransform(model["shape"]["points"], model["shape"]["mask_channel"],
-                                     model["shape"]["normalise_scale"]) if self.family == "shape" else None)
+        self.shape = (
+            ShapeTransform(model["shape"]["points"], model["shape"]["mask_channel"], model["shape"]["normalise_scale"])
+            if self.family == "shape"
+            else None
+        )
         self.dataset = EmbedDataset(collection, data, config["seed"], self.shape)
         self.channels = collection.channels
         self.model = build_model(model, self.channels, data["image_size"], config["seed"]).to(device)
@@ -159,7 +186,7 @@ class EmbedTask(TaskKind):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
-        self.eval_inputs, self.eval_indices = self.dataset.load(held_out[:data["eval_size"]])
+        self.eval_inputs, self.eval_indices = self.dataset.load(held_out[: data["eval_size"]])
         self.eval_inputs = self.eval_inputs.to(device)
         self._weights_version = 0
         self._eval_cache: tuple[int, dict] | None = None
@@ -170,7 +197,7 @@ class EmbedTask(TaskKind):
         batch_size = self.config["train"]["batch_size"]
         indices = self.dataset.train_indices(step, batch_size)
         if self.dist.active:
-            indices = indices[self.dist.rank::self.dist.world]  # each rank reads only its own images
+            indices = indices[self.dist.rank :: self.dist.world]  # each rank reads only its own images
         items, _ = self.dataset.load(indices)
         x = items.to(self.device, non_blocking=True)
         generator = step_generator(self.config["seed"], 2, step)
@@ -249,9 +276,13 @@ class EmbedTask(TaskKind):
         return super().trained_parameters() + buffers
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "channels": self.channels,
-                 "label_names": self.dataset.label_names}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "channels": self.channels,
+            "label_names": self.dataset.label_names,
+        }
         quantiser = quantiser_of(self.model)
         if quantiser is not None and quantiser.generator is not None:
             state["codebook_generator"] = quantiser.generator.get_state()  # dead-code restarts draw from it
@@ -273,10 +304,26 @@ class EmbedTask(TaskKind):
     def write_outputs(self, final_dir: Path, store) -> dict[str, float]:
         train = self.config["train"]
         group = store.group.require_group("embeddings")
-        readouts = {split: write_embeddings(group, split, self.model, self.dataset, self.dataset.splits[split],
-                                            train["embed_batch_size"], self.device) for split in SPLITS}
-        group.attrs.update({"label_names": self.dataset.label_names, "family": self.family,
-                            "embedding_dim": self.model.embedding_dim, "feature_dim": self.model.feature_dim})
+        readouts = {
+            split: write_embeddings(
+                group,
+                split,
+                self.model,
+                self.dataset,
+                self.dataset.splits[split],
+                train["embed_batch_size"],
+                self.device,
+            )
+            for split in SPLITS
+        }
+        group.attrs.update(
+            {
+                "label_names": self.dataset.label_names,
+                "family": self.family,
+                "embedding_dim": self.model.embedding_dim,
+                "feature_dim": self.model.feature_dim,
+            }
+        )
         for tag, image in self.image_grids().items():
             save_png(final_dir / f"{tag.split('/')[-1]}.png", image)
         metrics = self.evaluate()
@@ -306,8 +353,13 @@ class EmbedTask(TaskKind):
         chosen = self._subset(indices, count, 3)
         images, _ = self.dataset.load(indices[chosen], transformed=False)
         labels = [self.dataset.labels[i] or "" for i in indices[chosen]]
-        return {"embedding": {"embeddings": torch.from_numpy(embeddings[chosen]),
-                              "labels": labels if any(labels) else None, "thumbnails": composite(images)}}
+        return {
+            "embedding": {
+                "embeddings": torch.from_numpy(embeddings[chosen]),
+                "labels": labels if any(labels) else None,
+                "thumbnails": composite(images),
+            }
+        }
 
     def _evaluate(self, indices: np.ndarray, readouts: dict[str, np.ndarray]) -> dict:
         train = self.config["train"]
@@ -330,6 +382,7 @@ class EmbedTask(TaskKind):
             return np.arange(len(labels))
         from sklearn.model_selection import train_test_split
 
-        chosen, _ = train_test_split(np.arange(len(labels)), train_size=count, stratify=labels,
-                                     random_state=self.config["seed"])
+        chosen, _ = train_test_split(
+            np.arange(len(labels)), train_size=count, stratify=labels, random_state=self.config["seed"]
+        )
         return np.sort(chosen)

@@ -30,8 +30,8 @@ def cluster_accuracy_reference(predicted, labels) -> float:
     best = 0
     for chosen in itertools.permutations(classes, min(len(clusters), len(classes))):
         for subset in itertools.combinations(clusters, len(chosen)):
-            mapping = dict(zip(subset, chosen))
-            best = max(best, sum(mapping.get(p) == y for p, y in zip(predicted, labels)))
+            mapping = dict(zip(subset, chosen, strict=True))
+            best = max(best, sum(mapping.get(p) == y for p, y in zip(predicted, labels, strict=True)))
     return best / len(predicted)
 
 

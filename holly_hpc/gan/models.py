@@ -53,8 +53,11 @@ class CodeSpec:
     def sample(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """{"noise" (B, noise_dim), "cat" (B, n_cat) long, "cont" (B, n_cont)} on the CPU, from `generator`."""
         noise = torch.randn(batch, self.noise_dim, generator=generator)
-        cat = torch.stack([torch.randint(0, k, (batch,), generator=generator) for k in self.categorical], 1) \
-            if self.categorical else torch.zeros(batch, 0, dtype=torch.long)
+        cat = (
+            torch.stack([torch.randint(0, k, (batch,), generator=generator) for k in self.categorical], 1)
+            if self.categorical
+            else torch.zeros(batch, 0, dtype=torch.long)
+        )
         cont = 2 * torch.rand(batch, self.continuous, generator=generator) - 1
         return {"noise": noise, "cat": cat, "cont": cont}
 
@@ -73,12 +76,18 @@ class Generator(nn.Module):
         self.seed, ups = start_size(image_size)
         widths = [width * 2 ** max(ups - 1 - i, 0) for i in range(ups)]  # ..., 4w, 2w, w
         self.seed_channels = widths[0] * 2
-        self.project = nn.Sequential(nn.Linear(latent_dim, self.seed_channels * self.seed ** 2, bias=False),
-                                     nn.BatchNorm1d(self.seed_channels * self.seed ** 2), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, self.seed_channels * self.seed**2, bias=False),
+            nn.BatchNorm1d(self.seed_channels * self.seed**2),
+            nn.ReLU(inplace=True),
+        )
         layers, c_in = [], self.seed_channels
         for c_out in widths:
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, channels, 3, padding=1))
         self.body = nn.Sequential(*layers)
@@ -108,8 +117,12 @@ class Discriminator(nn.Module):
         features = c_in * seed * seed
         self.real_fake = nn.Linear(features, 1)
         outputs = sum(codes.categorical) + 2 * codes.continuous
-        self.q = nn.Sequential(nn.Linear(features, q_hidden), nn.BatchNorm1d(q_hidden), nn.LeakyReLU(0.2, inplace=True),
-                               nn.Linear(q_hidden, max(outputs, 1)))
+        self.q = nn.Sequential(
+            nn.Linear(features, q_hidden),
+            nn.BatchNorm1d(q_hidden),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(q_hidden, max(outputs, 1)),
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, object]]:
         h = self.trunk(images)
@@ -119,18 +132,19 @@ class Discriminator(nn.Module):
         """{"cat_logits": [(B, K_k)], "cont_mean": (B, n), "cont_log_std": (B, n)}"""
         logits, start = [], 0
         for k in self.codes.categorical:
-            logits.append(raw[:, start:start + k])
+            logits.append(raw[:, start : start + k])
             start += k
         n = self.codes.continuous
-        mean, log_std = raw[:, start:start + n], raw[:, start + n:start + 2 * n].clamp(*LOG_STD_RANGE)
+        mean, log_std = raw[:, start : start + n], raw[:, start + n : start + 2 * n].clamp(*LOG_STD_RANGE)
         return {"cat_logits": logits, "cont_mean": mean, "cont_log_std": log_std}
 
 
 # ------------------------------------------------------------------------------------------ losses
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "standard":
-        return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-                + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+        return F.binary_cross_entropy_with_logits(
+            real_logits, torch.ones_like(real_logits)
+        ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
     if kind == "hinge":
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     raise ValueError(f"unknown GAN loss {kind!r}: standard or hinge")

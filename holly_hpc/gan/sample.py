@@ -27,7 +27,9 @@ def parse_codes(pairs: list[str], spec: CodeSpec) -> dict[str, float]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in names:
-            raise ValueError(f"--code {pair!r}: expected NAME=VALUE with NAME one of {', '.join(names) or '(no codes)'}")
+            raise ValueError(
+                f"--code {pair!r}: expected NAME=VALUE with NAME one of {', '.join(names) or '(no codes)'}"
+            )
         try:
             number = float(value)
         except ValueError:
@@ -41,8 +43,16 @@ def parse_codes(pairs: list[str], spec: CodeSpec) -> dict[str, float]:
     return out
 
 
-def sample_from_run(experiment: Experiment, index: int, n: int, code_pairs: list[str], seed: int, output: Path,
-                    overwrite: bool = False, device: str | None = None) -> dict:
+def sample_from_run(
+    experiment: Experiment,
+    index: int,
+    n: int,
+    code_pairs: list[str],
+    seed: int,
+    output: Path,
+    overwrite: bool = False,
+    device: str | None = None,
+) -> dict:
     from ..runtime.task import select_device
 
     config = experiment.task(index).config
@@ -76,8 +86,16 @@ def sample_from_run(experiment: Experiment, index: int, n: int, code_pairs: list
             group.create_array("images", data=images.numpy(), chunks=(1, *images.shape[1:]))
             for key, value in codes.items():
                 group.create_array(key, data=value.numpy())
-            group.attrs.update({"experiment": experiment.name, "task": index, "checkpoint_step": int(payload["step"]),
-                                "seed": seed, "fixed_codes": fixed, "code_names": spec.names()})
+            group.attrs.update(
+                {
+                    "experiment": experiment.name,
+                    "task": index,
+                    "checkpoint_step": int(payload["step"]),
+                    "seed": seed,
+                    "fixed_codes": fixed,
+                    "code_names": spec.names(),
+                }
+            )
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         tmp.rename(output)

@@ -65,8 +65,12 @@ class GenerateTask(TaskKind):
         problems = data_problems(config["data"], base_dir)
         if config["data"]["image_size"] not in VALID_SIZES:
             sizes = ", ".join(map(str, VALID_SIZES))
-            problems.append((("data", "image_size"),
-                             f"the generator grows images from a 4–7 pixel seed by doubling: use one of {sizes}"))
+            problems.append(
+                (
+                    ("data", "image_size"),
+                    f"the generator grows images from a 4–7 pixel seed by doubling: use one of {sizes}",
+                )
+            )
         model = config["model"]
         if not model["categorical"] and model["continuous"] == 0:
             problems.append((("model",), "InfoGAN needs at least one code: model.categorical or model.continuous"))
@@ -79,16 +83,22 @@ class GenerateTask(TaskKind):
         self.channels = self.dataset.collection.channels
         self.generator, self.codes = build_generator(config, self.channels)
         self.generator.to(device)
-        self.discriminator = Discriminator(self.codes, self.channels, data["image_size"], model["discriminator_width"],
-                                           model["q_hidden"]).to(device)
+        self.discriminator = Discriminator(
+            self.codes, self.channels, data["image_size"], model["discriminator_width"], model["q_hidden"]
+        ).to(device)
         betas = tuple(train["betas"])
-        self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=train["lr"], betas=betas,
-                                       weight_decay=train["weight_decay"])
-        self.opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=train["lr_discriminator"], betas=betas,
-                                       weight_decay=train["weight_decay"])
+        self.opt_g = torch.optim.AdamW(
+            self.generator.parameters(), lr=train["lr"], betas=betas, weight_decay=train["weight_decay"]
+        )
+        self.opt_d = torch.optim.AdamW(
+            self.discriminator.parameters(),
+            lr=train["lr_discriminator"],
+            betas=betas,
+            weight_decay=train["weight_decay"],
+        )
         self.sched_g, self.sched_d = make_lr_scheduler(self.opt_g, train), make_lr_scheduler(self.opt_d, train)
         held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
-        self.real_eval, self.real_eval_indices = self.dataset.load(held_out[:data["eval_size"]])
+        self.real_eval, self.real_eval_indices = self.dataset.load(held_out[: data["eval_size"]])
         self.real_eval = self.real_eval.to(device)
         self.fixed = self._codes(train["samples"], FIXED_STREAM, 0)  # the same latents at every log
         self._real_diversity = mean_pairwise_distance(self.real_eval)
@@ -108,12 +118,17 @@ class GenerateTask(TaskKind):
         indices = self.dataset.train_indices(step, train["batch_size"])
         codes = self._codes(train["batch_size"], CODES_STREAM, step)
         if self.dist.active:  # each rank its share of the images and of the latents
-            indices = indices[self.dist.rank::self.dist.world]
-            codes = {k: v[self.dist.rank::self.dist.world] for k, v in codes.items()}
+            indices = indices[self.dist.rank :: self.dist.world]
+            codes = {k: v[self.dist.rank :: self.dist.world] for k, v in codes.items()}
         real, _ = self.dataset.load(indices)
         aug = self.config["data"]["augment"]
-        real = augment(real.to(self.device), step_generator(self.config["seed"], 2, step), aug["flips"], aug["rot90"],
-                       aug["intensity_jitter"])
+        real = augment(
+            real.to(self.device),
+            step_generator(self.config["seed"], 2, step),
+            aug["flips"],
+            aug["rot90"],
+            aug["intensity_jitter"],
+        )
         self.generator.train()
         self.discriminator.train()
         latent = self.codes.latent(codes)
@@ -123,7 +138,9 @@ class GenerateTask(TaskKind):
         # drown in it, so the generator has to express the codes in the visible structure of the cell.
         noise_std = train["instance_noise"]
         noise = step_generator(self.config["seed"], NOISE_STREAM, step)
-        jitter = (lambda x: x + noise_std * torch.randn(x.shape, generator=noise).to(x)) if noise_std > 0 else (lambda x: x)
+        jitter = (
+            (lambda x: x + noise_std * torch.randn(x.shape, generator=noise).to(x)) if noise_std > 0 else (lambda x: x)
+        )
 
         # Discriminator (and Q): real vs generated, and read the codes back from the generated images.
         fake = self.generator(latent).detach()
@@ -149,8 +166,12 @@ class GenerateTask(TaskKind):
         lr = self.opt_g.param_groups[0]["lr"]
         self.sched_g.step()
         self.sched_d.step()
-        metrics: dict[str, Any] = {"loss": (loss_d + loss_g).detach(), "loss_d": loss_d.detach(),
-                                   "loss_g_adversarial": adversarial.detach(), "lr": lr}
+        metrics: dict[str, Any] = {
+            "loss": (loss_d + loss_g).detach(),
+            "loss_d": loss_d.detach(),
+            "loss_g_adversarial": adversarial.detach(),
+            "lr": lr,
+        }
         metrics.update({f"train_ce_{k}": v.detach() for k, v in ce_g.items()})
         return metrics
 
@@ -187,11 +208,18 @@ class GenerateTask(TaskKind):
         metrics["sample_diversity"] = diversity
         metrics["diversity_ratio"] = diversity / max(self._real_diversity, 1e-12)
         settled = self._steps_done >= 0.1 * self.config["train"]["steps"]  # early samples are alike anyway
-        if settled and metrics["diversity_ratio"] < self.config["train"]["collapse_warning"] and not self._warned_collapse:
+        if (
+            settled
+            and metrics["diversity_ratio"] < self.config["train"]["collapse_warning"]
+            and not self._warned_collapse
+        ):
             self._warned_collapse = True  # once per run; the scalar stays in TensorBoard and zarr
-            print(f"warning: possible mode collapse: generated images are {metrics['diversity_ratio']:.2f}x as "
-                  f"diverse as real ones (mean pairwise distance {diversity:.3g} vs {self._real_diversity:.3g})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: possible mode collapse: generated images are {metrics['diversity_ratio']:.2f}x as "
+                f"diverse as real ones (mean pairwise distance {diversity:.3g} vs {self._real_diversity:.3g})",
+                file=sys.stderr,
+                flush=True,
+            )
         if self.codes.categorical and self.dataset.label_names:
             labels = [self.dataset.labels[i] for i in self.real_eval_indices]
             if all(label is not None for label in labels):
@@ -208,19 +236,31 @@ class GenerateTask(TaskKind):
     def _traversal(self, name: str) -> torch.Tensor:
         """(rows, values, C, H, W): each row one fixed latent, each column one value of code `name`."""
         train = self.config["train"]
-        rows = {k: v[:train["traversal_rows"]] for k, v in self.fixed.items()}
-        return torch.stack([self._generate(codes) for codes in traversal_frames(rows, name, self.codes,
-                                                                                train["traversal_steps"],
-                                                                                train["traversal_range"])], 1)
+        rows = {k: v[: train["traversal_rows"]] for k, v in self.fixed.items()}
+        return torch.stack(
+            [
+                self._generate(codes)
+                for codes in traversal_frames(
+                    rows, name, self.codes, train["traversal_steps"], train["traversal_range"]
+                )
+            ],
+            1,
+        )
 
     # ------------------------------------------------------------------ checkpoints and outputs
     def trained_parameters(self) -> list[torch.Tensor]:
         return [*self.generator.parameters(), *self.discriminator.parameters()]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "sched_g": self.sched_g.state_dict(), "sched_d": self.sched_d.state_dict(), "channels": self.channels}
+        return {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "channels": self.channels,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
@@ -246,8 +286,10 @@ class GenerateTask(TaskKind):
         store.write_array("samples/images", samples.cpu().numpy().astype(np.float32))
         for key, value in self.fixed.items():
             store.write_array(f"samples/{key}", value.cpu().numpy())
-        torch.save({"generator": self.generator.state_dict(), "config": self.config, "channels": self.channels},
-                   final_dir / "generator.pt")
+        torch.save(
+            {"generator": self.generator.state_dict(), "config": self.config, "channels": self.channels},
+            final_dir / "generator.pt",
+        )
         metrics = self.evaluate()
         if self.codes.categorical and self.dataset.label_names:
             metrics.update(self.cluster_accuracy_all())
@@ -265,5 +307,8 @@ class GenerateTask(TaskKind):
             labels += [self.dataset.labels[i] for i in kept]
         predicted = np.concatenate(predicted)
         classes = len(set(labels))
-        return {"cluster_accuracy_all": cluster_accuracy(predicted, labels), "cluster_chance": 1 / classes,
-                "cluster_images": float(len(labels))}
+        return {
+            "cluster_accuracy_all": cluster_accuracy(predicted, labels),
+            "cluster_chance": 1 / classes,
+            "cluster_images": float(len(labels)),
+        }

@@ -17,8 +17,9 @@ from ..runtime.outputs import rgb_grid, to_rgb
 from .models import CodeSpec
 
 
-def traversal_frames(codes: dict[str, torch.Tensor], name: str, spec: CodeSpec, steps: int,
-                     value_range: float) -> list[dict[str, torch.Tensor]]:
+def traversal_frames(
+    codes: dict[str, torch.Tensor], name: str, spec: CodeSpec, steps: int, value_range: float
+) -> list[dict[str, torch.Tensor]]:
     """The latents of each column of a traversal of code `name` ("cat<i>" or "cont<j>")."""
     index = int(name[3:] if name.startswith("cat") else name[4:])
     frames = []
@@ -47,7 +48,7 @@ def sample_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
     rgb = to_rgb(images.float().cpu().clamp(0, 1))
     rows = -(-len(rgb) // columns)
     padded = torch.ones(rows * columns, *rgb.shape[1:])
-    padded[:len(rgb)] = rgb
+    padded[: len(rgb)] = rgb
     return rgb_grid(padded.view(rows, columns, *rgb.shape[1:]))
 
 

@@ -36,7 +36,9 @@ def read_fits_image(path: str | Path) -> np.ndarray:
     if data is None:
         raise ImageFormatError(f"{path}: no image data in any HDU")
     if data.ndim not in (2, 3):
-        raise ImageFormatError(f"{path}: expected a 2D image or a 3D stack, got {data.ndim}D data of shape {data.shape}")
+        raise ImageFormatError(
+            f"{path}: expected a 2D image or a 3D stack, got {data.ndim}D data of shape {data.shape}"
+        )
     # Sum in float64 so that a long stack of small values loses nothing before the cast.
     image = data.astype(np.float64).sum(axis=0) if data.ndim == 3 else data
     with np.errstate(over="ignore"):  # a sum too large for float32 becomes inf, refused below
@@ -69,7 +71,7 @@ def read_fits_folder(folder: str | Path, expected_size: int | None = None) -> np
     images = [read_fits_image(path) for path in paths]
     ref = images[0].shape[0] if expected_size is None else expected_size
     why = f" like {paths[0].name}, the first image of the folder" if expected_size is None else ""
-    for path, image in zip(paths, images):
+    for path, image in zip(paths, images, strict=True):
         size = image.shape[0]
         if size != ref:
             raise ImageFormatError(f"{path}: image is {size}x{size}; expected {ref}x{ref}{why}")
@@ -93,10 +95,14 @@ def read_fits_folders_by_sigma(folders: dict[float, str | Path]) -> dict[float, 
         names = [p.name for p in list_fits(folder)]
         where = f"{folder} (sigma {sigma}) and {ref_folder} (sigma {ref_sigma})"
         if len(names) != len(ref_names):
-            raise ImageFormatError(f"{where} hold {len(names)} and {len(ref_names)} FITS files; expected the same files")
-        mismatch = next(((a, b) for a, b in zip(names, ref_names) if a != b), None)
+            raise ImageFormatError(
+                f"{where} hold {len(names)} and {len(ref_names)} FITS files; expected the same files"
+            )
+        mismatch = next(((a, b) for a, b in zip(names, ref_names, strict=True) if a != b), None)
         if mismatch:
-            raise ImageFormatError(f"{where} hold different file names: first mismatch {mismatch[0]!r} vs {mismatch[1]!r}")
+            raise ImageFormatError(
+                f"{where} hold different file names: first mismatch {mismatch[0]!r} vs {mismatch[1]!r}"
+            )
     stacks = {sigma: read_fits_folder(folders[sigma]) for sigma in sigmas}
     ref_size = stacks[ref_sigma].shape[1]
     for sigma in sigmas[1:]:

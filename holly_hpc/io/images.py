@@ -151,7 +151,7 @@ class FolderCollection(ImageCollection):
     def _label_files(self, rels: list[str], labels: str | Path) -> dict[str, str | None]:
         """The label of every file that has one; files refused for want of one go through _reject."""
         if isinstance(labels, str) and labels == "none":
-            return {rel: None for rel in rels}
+            return dict.fromkeys(rels)
         if isinstance(labels, str) and labels == "folders":
             label_of: dict[str, str | None] = {}
             for rel in rels:
@@ -250,8 +250,7 @@ def _natural_key(rel: str) -> tuple:
     # Per path part, re.split with a group alternates text and digit runs, so keys compare element by
     # element (str with str, int with int); the path itself breaks ties such as img01 / img1.
     parts = tuple(
-        tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", part.lower())))
-        for part in rel.split("/")
+        tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", part.lower()))) for part in rel.split("/")
     )
     return parts, rel
 
@@ -340,9 +339,7 @@ def _tiff_chw(shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:
         if axes.endswith("S"):  # interleaved samples (RGB, RGBA): (H, W, S)
             return shape[2], shape[0], shape[1]
         return shape[0], shape[1], shape[2]  # pages, or planar samples: (C, H, W)
-    raise _BadImage(
-        f"TIFF image has shape {shape} (axes {axes}); expected (H, W), (pages, H, W) or (H, W, samples)"
-    )
+    raise _BadImage(f"TIFF image has shape {shape} (axes {axes}); expected (H, W), (pages, H, W) or (H, W, samples)")
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -522,7 +519,7 @@ class OmeZarrCollection(ImageCollection):
             raise ImageFormatError(
                 f"{self.path}: level {level} array has shape {shape}, but the axes are {''.join(self.axes)}"
             )
-        sizes = dict(zip(self.axes, shape))
+        sizes = dict(zip(self.axes, shape, strict=True))
         self._channels = _channel_selection(self.path, channels, sizes.get("c", 1))
         self.channels = len(self._channels)
         height, width = sizes["y"], sizes["x"]
@@ -596,12 +593,7 @@ def _axis_names(multiscale: dict, path: Path) -> list[str]:
         names = [axis["name"] if isinstance(axis, dict) else axis for axis in axes]
     except (KeyError, TypeError) as exc:
         raise ImageFormatError(f"{path}: unreadable 'axes' metadata {axes!r}") from exc
-    if (
-        len(names) < 2
-        or names[-2:] != ["y", "x"]
-        or len(set(names)) != len(names)
-        or not set(names) <= set(OME_AXES)
-    ):
+    if len(names) < 2 or names[-2:] != ["y", "x"] or len(set(names)) != len(names) or not set(names) <= set(OME_AXES):
         raise ImageFormatError(
             f"{path}: axes {names}; expected names among {', '.join(OME_AXES)}, each once, with y and x last"
         )
@@ -633,7 +625,9 @@ def _channel_selection(path: Path, channels: Sequence[int] | None, count: int) -
         raise ValueError(f"channels {chosen} lists a channel more than once")
     for c in chosen:
         if not 0 <= c < count:
-            raise ImageFormatError(f"{path}: channel {c} asked, but the image has {count} channel(s) (0 to {count - 1})")
+            raise ImageFormatError(
+                f"{path}: channel {c} asked, but the image has {count} channel(s) (0 to {count - 1})"
+            )
     return chosen
 
 
@@ -654,7 +648,9 @@ def write_ome_zarr(
     path = Path(path)
     data = np.asarray(data)
     if not re.fullmatch(r"t?c?z?yx", axes) or len(axes) != data.ndim:
-        raise ValueError(f"axes {axes!r} do not fit data of shape {data.shape}; expected letters t? c? z? y x, one per axis")
+        raise ValueError(
+            f"axes {axes!r} do not fit data of shape {data.shape}; expected letters t? c? z? y x, one per axis"
+        )
     if version not in ("0.4", "0.5"):
         raise ValueError(f"version must be '0.4' or '0.5'; got {version!r}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
@@ -662,7 +658,7 @@ def write_ome_zarr(
     if path.exists():
         raise FileExistsError(f"{path}: already exists; not overwriting it")
     if chunks is None:
-        chunks = tuple(min(256, n) if a in "yx" else 1 for a, n in zip(axes, data.shape))
+        chunks = tuple(min(256, n) if a in "yx" else 1 for a, n in zip(axes, data.shape, strict=True))
     if len(chunks) != data.ndim:
         raise ValueError(f"chunks {chunks} has {len(chunks)} entries for {data.ndim}D data")
     zarr_format = 2 if version == "0.4" else 3
@@ -678,7 +674,7 @@ def write_ome_zarr(
     for k in range(levels):
         if k:
             level_data = _downsample_yx(level_data)
-        level_chunks = tuple(max(1, min(c, n)) for c, n in zip(chunks, level_data.shape))
+        level_chunks = tuple(max(1, min(c, n)) for c, n in zip(chunks, level_data.shape, strict=True))
         group.create_array(str(k), data=level_data, chunks=level_chunks, **extra)
         scale = [float(2**k) if a in "yx" else 1.0 for a in axes]
         datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
@@ -739,7 +735,6 @@ def open_collection(kind: str, options: dict, base_dir: str | Path) -> ImageColl
     if "tile" not in opts:
         raise ValueError("ome_zarr collection: option 'tile' is required")
     return OmeZarrCollection(path, **opts)
-
 
 
 def _item(index: int, n: int) -> int:

@@ -74,7 +74,9 @@ def read_localisations(path: str | Path, columns: dict | None = None, dataset: s
     suffix = path.suffix.lower()
     if suffix not in _READERS:
         expected = ", ".join(_READERS)
-        raise LocalisationFormatError(f"{path}: unknown localisation file type {path.suffix!r}; expected one of {expected}")
+        raise LocalisationFormatError(
+            f"{path}: unknown localisation file type {path.suffix!r}; expected one of {expected}"
+        )
     if suffix == ".csv" and dataset is not None:
         raise ValueError(f"{path}: `dataset` applies to HDF5 and .mat files, not to CSV")
     if not path.is_file():
@@ -151,7 +153,9 @@ def _hdf5_node(path: Path, f: h5py.File, dataset: str | None) -> h5py.Group | h5
     if dataset is not None:
         node = f.get(dataset)
         if node is None:
-            raise LocalisationFormatError(f"{path}: no dataset or group {dataset!r}; the root holds: {', '.join(f) or 'nothing'}")
+            raise LocalisationFormatError(
+                f"{path}: no dataset or group {dataset!r}; the root holds: {', '.join(f) or 'nothing'}"
+            )
         return node
     members = list(f.values())
     lone = members[0] if len(members) == 1 else None
@@ -179,7 +183,9 @@ def _read_mat(path: Path, dataset: str | None, roles: dict) -> _RawTable:
             )
         dataset = matrices[0]
     if dataset not in variables:
-        raise LocalisationFormatError(f"{path}: no variable {dataset!r}; the file holds: {', '.join(variables) or 'nothing'}")
+        raise LocalisationFormatError(
+            f"{path}: no variable {dataset!r}; the file holds: {', '.join(variables) or 'nothing'}"
+        )
     return _RawTable(_table_columns(path, dataset, variables[dataset]))
 
 
@@ -208,7 +214,9 @@ def _table_columns(path: Path, name: str, data: np.ndarray) -> dict[str, np.ndar
         return {field_name: data[field_name] for field_name in data.dtype.names}
     if data.ndim == 2:
         return {f"column {i}": data[:, i] for i in range(data.shape[1])}
-    raise LocalisationFormatError(f"{path}: {name!r} is not a table: expected a compound or 2D array, got shape {data.shape}")
+    raise LocalisationFormatError(
+        f"{path}: {name!r} is not a table: expected a compound or 2D array, got shape {data.shape}"
+    )
 
 
 _READERS = {".csv": _read_csv, ".h5": _read_hdf5, ".hdf5": _read_hdf5, ".mat": _read_mat}
@@ -223,16 +231,22 @@ def _find_column(path: Path, raw: _RawTable, role: str, spec: str | int, explici
     if isinstance(spec, (int, np.integer)):
         if 0 <= spec < len(names):
             return names[spec]
-        raise LocalisationFormatError(f"{path}: {role}: no column at position {spec}; the table has {len(names)} columns")
+        raise LocalisationFormatError(
+            f"{path}: {role}: no column at position {spec}; the table has {len(names)} columns"
+        )
     for key in (lambda n: n, str.lower, _normalise):
         matches = [n for n in names if key(n) == key(spec)]
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise LocalisationFormatError(f"{path}: {role}: several columns match {spec!r}: {', '.join(matches)}; name one exactly")
+            raise LocalisationFormatError(
+                f"{path}: {role}: several columns match {spec!r}: {', '.join(matches)}; name one exactly"
+            )
     if role in REQUIRED_ROLES or explicit:
         listing = ", ".join(names) or "none"
-        raise LocalisationFormatError(f"{path}: {role}: no column {spec!r}; the columns are: {listing}{_did_you_mean(spec, names)}")
+        raise LocalisationFormatError(
+            f"{path}: {role}: no column {spec!r}; the columns are: {listing}{_did_you_mean(spec, names)}"
+        )
     # An absent optional column is fine, but "z [px]" is a z in another unit: do not ignore it silently.
     other_unit = next((n for n in names if _stem(n) == _stem(spec)), None)
     if other_unit:
@@ -275,14 +289,18 @@ def _numeric_column(path: Path, raw: _RawTable, name: str) -> np.ndarray:
             try:
                 out[i] = float(text)
             except ValueError:
-                raise LocalisationFormatError(f"{_where(path, raw, i)}: column {name!r}: {text!r} is not a number") from None
+                raise LocalisationFormatError(
+                    f"{_where(path, raw, i)}: column {name!r}: {text!r} is not a number"
+                ) from None
     elif values.dtype.kind in "iuf":
         out = values.astype(np.float64)
     else:
         raise LocalisationFormatError(f"{path}: column {name!r} is not numeric (dtype {values.dtype})")
     bad = np.flatnonzero(~np.isfinite(out))
     if bad.size:
-        raise LocalisationFormatError(f"{_where(path, raw, bad[0])}: column {name!r}: {out[bad[0]]} is not a finite number")
+        raise LocalisationFormatError(
+            f"{_where(path, raw, bad[0])}: column {name!r}: {out[bad[0]]} is not a finite number"
+        )
     return out
 
 
@@ -305,9 +323,11 @@ def _group(path: Path, raw: _RawTable, values: dict[str, np.ndarray]) -> Localis
     ids = ids.astype(np.int64)
     order = np.argsort(ids, kind="stable")  # stable: each particle keeps its rows in file order
     unique, starts = np.unique(ids[order], return_index=True)
-    groups = dict(zip(unique.tolist(), np.split(points[order], starts[1:])))
+    groups = dict(zip(unique.tolist(), np.split(points[order], starts[1:]), strict=True))
     particles = {pid: p for pid, p in groups.items() if len(p) >= MIN_LOCALISATIONS}
     dropped = [pid for pid, p in groups.items() if len(p) < MIN_LOCALISATIONS]
     if not particles:
-        raise LocalisationFormatError(f"{path}: every particle ({len(groups)}) has fewer than {MIN_LOCALISATIONS} localisations")
+        raise LocalisationFormatError(
+            f"{path}: every particle ({len(groups)}) has fewer than {MIN_LOCALISATIONS} localisations"
+        )
     return LocalisationTable(particles, str(path), "z" in values, dropped)

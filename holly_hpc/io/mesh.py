@@ -28,15 +28,18 @@ def read_obj_vertices(path: str | Path) -> np.ndarray:
         except ValueError:
             xyz = []
         if len(xyz) != 3 or not np.all(np.isfinite(xyz)):
-            raise MeshFormatError(f"{path}:{lineno}: expected 'v x y z' with three finite numbers, got {line.strip()!r}")
+            raise MeshFormatError(
+                f"{path}:{lineno}: expected 'v x y z' with three finite numbers, got {line.strip()!r}"
+            )
         vertices.append(xyz)
     if not vertices:
         raise MeshFormatError(f"{path}: no vertices ('v x y z' lines) found")
     points = np.asarray(vertices, dtype=np.float64)
     if np.ptp(points, axis=0).max() == 0:  # a structure is scaled by its extent: a single point has none
         where = ", ".join(f"{v:g}" for v in points[0])
-        raise MeshFormatError(f"{path}: expected a point cloud with an extent, but all {len(points)} vertices "
-                              f"lie at ({where})")
+        raise MeshFormatError(
+            f"{path}: expected a point cloud with an extent, but all {len(points)} vertices lie at ({where})"
+        )
     return points
 
 

@@ -53,7 +53,7 @@ def container_command(container: dict, gpus: bool) -> list[str]:
         argv += ["--bind", bind]
     for key, value in container.get("env", {}).items():
         argv += ["--env", _env_arg(key, value)]
-    return argv + [image, "python"]
+    return [*argv, image, "python"]
 
 
 def _env_arg(key: str, value) -> str:
@@ -67,8 +67,10 @@ def _env_arg(key: str, value) -> str:
     # with more it reads the argument as a CSV record (',' splits it, '"' is an error, a newline
     # ends it). Refuse what it would change rather than run with a different value.
     if text.startswith('"') or text.endswith('"') or ("=" in text and any(c in text for c in ',"\n\r')):
-        raise ValueError(f"container.env.{key}: apptainer's --env cannot pass {text!r} unchanged "
-                         f"(a value with '=' cannot hold ',', '\"' or a newline, nor start or end with '\"')")
+        raise ValueError(
+            f"container.env.{key}: apptainer's --env cannot pass {text!r} unchanged "
+            f"(a value with '=' cannot hold ',', '\"' or a newline, nor start or end with '\"')"
+        )
     return f"{key}={text}"
 
 
@@ -80,7 +82,7 @@ def container_python(container: dict, gpus: bool) -> str:
 
 @dataclass
 class PreflightProblem:
-    what: str    # short name of what is wrong: apptainer, image, container, python, holly_hpc, torch
+    what: str  # short name of what is wrong: apptainer, image, container, python, holly_hpc, torch
     detail: str  # one sentence a user can act on
 
 
@@ -88,8 +90,9 @@ def preflight(container: dict, gpus: bool = False, timeout_s: float = 120) -> li
     """Every problem found with running tasks in this container (an empty list: ready)."""
     problems = []
     if shutil.which("apptainer") is None:
-        problems.append(PreflightProblem("apptainer", "no 'apptainer' executable on PATH "
-                                         "(on a cluster: module load apptainer)"))
+        problems.append(
+            PreflightProblem("apptainer", "no 'apptainer' executable on PATH (on a cluster: module load apptainer)")
+        )
     image = container.get("image")
     if isinstance(image, str) and image:  # otherwise container_command below says what is wrong
         if not Path(image).exists():
@@ -97,7 +100,7 @@ def preflight(container: dict, gpus: bool = False, timeout_s: float = 120) -> li
         elif not Path(image).is_file():
             problems.append(PreflightProblem("image", f"{image} is not a regular file (expected a .sif image)"))
     try:
-        argv = container_command(container, gpus) + ["-c", PROBE]
+        argv = [*container_command(container, gpus), "-c", PROBE]
     except ValueError as exc:
         problems.append(PreflightProblem("container", str(exc)))
         return problems
@@ -110,8 +113,15 @@ def preflight(container: dict, gpus: bool = False, timeout_s: float = 120) -> li
 def _probe(argv: list[str], timeout_s: float) -> tuple[dict | None, PreflightProblem | None]:
     # Own session, so a timeout kills apptainer and everything it started, not just the first process.
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, errors="replace", start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
     except OSError as exc:
         return None, PreflightProblem("container", f"could not start apptainer: {exc}")
     try:
@@ -130,8 +140,9 @@ def _probe(argv: list[str], timeout_s: float) -> tuple[dict | None, PreflightPro
     except ValueError:
         versions = None
     if not isinstance(versions, dict):
-        return None, PreflightProblem("container", f"the probe printed no version JSON "
-                                      f"(stdout: {out.strip()[-300:]!r}){_tail(err)}")
+        return None, PreflightProblem(
+            "container", f"the probe printed no version JSON (stdout: {out.strip()[-300:]!r}){_tail(err)}"
+        )
     return versions, None
 
 
@@ -157,10 +168,17 @@ def _compare(image: dict) -> list[PreflightProblem]:
     problems = []
     py_image, py_host = image.get("python"), host["python"]
     if not py_image or str(py_image).split(".")[:2] != py_host.split(".")[:2]:
-        problems.append(PreflightProblem("python", f"Python {py_image} in the image, {py_host} on this host: "
-                                         "submitit's pickles need the same major.minor version"))
-    for name, same in (("holly_hpc", lambda a, b: a == b),
-                       ("torch", lambda a, b: a.split("+")[0] == b.split("+")[0])):  # +cu126 / +cpu builds match
+        problems.append(
+            PreflightProblem(
+                "python",
+                f"Python {py_image} in the image, {py_host} on this host: "
+                "submitit's pickles need the same major.minor version",
+            )
+        )
+    for name, same in (
+        ("holly_hpc", lambda a, b: a == b),
+        ("torch", lambda a, b: a.split("+")[0] == b.split("+")[0]),
+    ):  # +cu126 / +cpu builds match
         mine, theirs = host[name], image.get(name)
         if theirs is None:
             problems.append(PreflightProblem(name, f"{name} cannot be imported in the image (host has {mine})"))

@@ -37,8 +37,8 @@ class LaunchedTask:
 @dataclass
 class Stopped:
     task_index: int
-    ended: bool    # verified: nothing of the task runs any more
-    detail: str    # what was done and seen, for the user
+    ended: bool  # verified: nothing of the task runs any more
+    detail: str  # what was done and seen, for the user
 
 
 class Launcher(ABC):
@@ -49,6 +49,7 @@ class Launcher(ABC):
 
     def check(self, experiment: Experiment) -> None:
         """Raise (with a message naming what is wrong) if launching would fail; writes nothing."""
+        return  # an optional hook: local processes need no check
 
     @abstractmethod
     def launch(self, experiment: Experiment, indices: list[int]) -> list[LaunchedTask]:
@@ -75,12 +76,17 @@ class Launcher(ABC):
         alive = attempt_alive(attempt)
         if alive:
             outcome = stop_process(int(attempt["pid"]), attempt["proc_start"], grace_s)
-            words = {"ended": "stopped at a step boundary after SIGTERM", "gone": "had already ended",
-                     "killed": f"did not stop within {grace_s:g} s: killed", "unknown": "could not be verified to end"}
+            words = {
+                "ended": "stopped at a step boundary after SIGTERM",
+                "gone": "had already ended",
+                "killed": f"did not stop within {grace_s:g} s: killed",
+                "unknown": "could not be verified to end",
+            }
             return Stopped(run.task_index, outcome != "unknown", f"process {attempt['pid']} {words[outcome]}")
         if alive is None and attempt is not None and attempt["host"] != this_host():
-            return Stopped(run.task_index, False, f"process {attempt['pid']} runs on {attempt['host']}, not here: "
-                                                  "cancel it there")
+            return Stopped(
+                run.task_index, False, f"process {attempt['pid']} runs on {attempt['host']}, not here: cancel it there"
+            )
         controller = int(run.job_id) if run.job_id and run.job_id.isdigit() else None
         if controller and is_submitit_controller(controller):  # queued (no attempt yet), or not checkable
             os.kill(controller, signal.SIGTERM)  # forwarded to its task, which leaves the slot queue
@@ -90,8 +96,13 @@ class Launcher(ABC):
             if is_submitit_controller(controller):
                 os.killpg(controller, signal.SIGKILL)
                 return Stopped(run.task_index, True, f"queued job {controller} killed after {grace_s:g} s")
-            return Stopped(run.task_index, True, f"queued job {controller} stopped before it started" if attempt is None
-                           else f"job {controller} stopped")
+            return Stopped(
+                run.task_index,
+                True,
+                f"queued job {controller} stopped before it started"
+                if attempt is None
+                else f"job {controller} stopped",
+            )
         if alive is None and attempt is not None:
             return Stopped(run.task_index, False, f"process {attempt['pid']} could not be checked: stop it by hand")
         return Stopped(run.task_index, True, "no process was running it")
@@ -109,11 +120,12 @@ class LocalLauncher(Launcher):
         # The local controller's clock starts when the process starts, including the wait for a slot,
         # so each process gets the per-task limit times the number of waves ahead of it.
         waves = math.ceil(len(indices) / max(1, launch["array_parallelism"]))
-        executor.update_parameters(timeout_min=experiment.resources["time"] * waves + 1,
-                                   tasks_per_node=experiment.resources["tasks_per_node"])
+        executor.update_parameters(
+            timeout_min=experiment.resources["time"] * waves + 1, tasks_per_node=experiment.resources["tasks_per_node"]
+        )
         with _controllers_in_own_session():
             jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
-        return [LaunchedTask(i, str(job.job_id), job) for i, job in zip(indices, jobs)]
+        return [LaunchedTask(i, str(job.job_id), job) for i, job in zip(indices, jobs, strict=True)]
 
 
 @contextlib.contextmanager
@@ -127,8 +139,9 @@ def _controllers_in_own_session():
 
     real = local_module.subprocess
     shim = types.SimpleNamespace(**vars(real))
-    shim.Popen = functools.partial(real.Popen, start_new_session=True, stdin=real.DEVNULL, stdout=real.DEVNULL,
-                                   stderr=real.DEVNULL)
+    shim.Popen = functools.partial(
+        real.Popen, start_new_session=True, stdin=real.DEVNULL, stdout=real.DEVNULL, stderr=real.DEVNULL
+    )
     local_module.subprocess = shim
     try:
         yield
@@ -146,13 +159,13 @@ class DebugLauncher(Launcher):
         executor = submitit.DebugExecutor(folder=experiment.submitit_dir)
         jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
         launched = []
-        for i, job in zip(indices, jobs):
+        for i, job in zip(indices, jobs, strict=True):
             # Run the submission directly rather than job.result(): submitit's debug jobs open pdb on a
             # failure, which would hang a non-interactive run; the failure is in the registry already.
             with _environ(SUBMITIT_DEBUG_JOB_ID=job.job_id, SUBMITIT_EXECUTOR="debug"):
                 try:
                     job.submission().result()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     print(f"task {i} failed: {exc}", file=sys.stderr)
             launched.append(LaunchedTask(i, str(job.job_id), job))
         return launched
@@ -178,8 +191,20 @@ class SlurmLauncher(Launcher):
     `container`, every task's Python runs inside the Apptainer image."""
 
     name = "slurm"
-    ALIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
-             "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED")
+    ALIVE = (
+        "PENDING",
+        "RUNNING",
+        "CONFIGURING",
+        "COMPLETING",
+        "REQUEUED",
+        "RESIZING",
+        "SUSPENDED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+    )
 
     def _executor(self, experiment) -> submitit.SlurmExecutor:
         from .slurm import refuse_unsafe, sbatch_parameters
@@ -190,8 +215,10 @@ class SlurmLauncher(Launcher):
             from .apptainer import container_python
 
             python = container_python(experiment.container, gpus=resources["gpus_per_node"] > 0)
-        parameters = {"job_name": f"holly-{experiment.name}",
-                      **sbatch_parameters(resources, experiment.launch["array_parallelism"])}
+        parameters = {
+            "job_name": f"holly-{experiment.name}",
+            **sbatch_parameters(resources, experiment.launch["array_parallelism"]),
+        }
         # submitit writes every parameter into an #SBATCH line as it is, and the folder and the python command
         # into the script: none may break out of its line.
         refuse_unsafe(parameters, str(experiment.submitit_dir), python)
@@ -215,7 +242,7 @@ class SlurmLauncher(Launcher):
         launched = []
         for part in chunks(indices, max_array_size()):
             jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in part])
-            launched += [LaunchedTask(i, str(job.job_id), job) for i, job in zip(part, jobs)]
+            launched += [LaunchedTask(i, str(job.job_id), job) for i, job in zip(part, jobs, strict=True)]
         return launched
 
     def _states(self, runs) -> dict[str, str]:
@@ -232,8 +259,11 @@ class SlurmLauncher(Launcher):
         except (SlurmError, OSError) as exc:  # e.g. `holly-hpc sbatch` away from the cluster: task locks decide
             print(f"note: cannot ask SLURM which tasks still run ({exc})", file=sys.stderr)
             return {}
-        return {r.task_index: f"{states[r.job_id].lower()} (job {r.job_id})" for r in unfinished
-                if states.get(r.job_id) in self.ALIVE}
+        return {
+            r.task_index: f"{states[r.job_id].lower()} (job {r.job_id})"
+            for r in unfinished
+            if states.get(r.job_id) in self.ALIVE
+        }
 
     def cancel(self, experiment, registry, runs, grace_s):
         """scancel, then wait until SLURM reports every job ended (SIGTERM reaches the task, which checkpoints)."""
@@ -247,9 +277,16 @@ class SlurmLauncher(Launcher):
         while any(s in self.ALIVE for s in states.values()) and time.monotonic() < deadline:
             time.sleep(1.0)
             states = self._states(with_job)
-        return [Stopped(r.task_index, states.get(r.job_id) not in self.ALIVE,
-                        f"job {r.job_id}: {states.get(r.job_id, 'UNKNOWN')}") if r.job_id
-                else Stopped(r.task_index, True, "never submitted") for r in runs]
+        return [
+            Stopped(
+                r.task_index,
+                states.get(r.job_id) not in self.ALIVE,
+                f"job {r.job_id}: {states.get(r.job_id, 'UNKNOWN')}",
+            )
+            if r.job_id
+            else Stopped(r.task_index, True, "never submitted")
+            for r in runs
+        ]
 
 
 LAUNCHERS: dict[str, type[Launcher]] = {cls.name: cls for cls in (LocalLauncher, DebugLauncher, SlurmLauncher)}

@@ -31,8 +31,10 @@ def reap_lost(registry, experiment: str, runs) -> list[int]:
             continue
         attempt = open_attempt(registry, experiment, run.task_index)
         if attempt_alive(attempt) is False:
-            why = (f"lost: process {attempt['pid']} on {attempt['host']} ended without reporting (killed, or out of "
-                   f"memory?); resubmit to resume from its last checkpoint")
+            why = (
+                f"lost: process {attempt['pid']} on {attempt['host']} ended without reporting (killed, or out of "
+                f"memory?); resubmit to resume from its last checkpoint"
+            )
             registry.end_attempt(experiment, run.task_index, attempt["attempt"], "lost", why)
             registry.finish(experiment, run.task_index, "failed", None, why)
             lost.append(run.task_index)

@@ -32,7 +32,7 @@ def directives(experiment, first: int, count: int) -> list[str]:
     lines = {
         "job-name": f"holly-{experiment.name}",
         "array": f"0-{count - 1}%{min(count, launch['array_parallelism'])}",
-        "time": str(max(1, int(round(r["time"])))),
+        "time": str(max(1, round(r["time"]))),
         "nodes": str(r["nodes"]),
         "ntasks-per-node": str(r["tasks_per_node"]),
         "output": str(logs / "%A_%a.out"),
@@ -43,8 +43,14 @@ def directives(experiment, first: int, count: int) -> list[str]:
     }
     if r.get("gpus_per_node"):
         lines["gpus-per-node"] = str(r["gpus_per_node"])
-    for key, flag in (("partition", "partition"), ("account", "account"), ("qos", "qos"),
-                      ("cpus_per_task", "cpus-per-task"), ("mem", "mem"), ("constraint", "constraint")):
+    for key, flag in (
+        ("partition", "partition"),
+        ("account", "account"),
+        ("qos", "qos"),
+        ("cpus_per_task", "cpus-per-task"),
+        ("mem", "mem"),
+        ("constraint", "constraint"),
+    ):
         if r.get(key) is not None:
             lines[flag] = str(r[key])
     for key, value in (r.get("extra") or {}).items():
@@ -68,9 +74,16 @@ def render_scripts(experiment, indices: list[int], output: Path, max_array: int)
             raise ValueError("sbatch scripts cover contiguous task indices")
         path = output if len(parts) == 1 else output.with_name(f"{output.stem}.{n}{output.suffix}")
         values = {
-            "experiment": experiment.name, "first": part[0], "last": part[-1], "total": len(experiment.plan["tasks"]),
-            "script": path.name, "experiment_dir": experiment.root, "experiment_dir_q": shlex.quote(str(experiment.root)),
-            "directives": "\n".join(directives(experiment, part[0], len(part))), "offset": part[0], "python": python,
+            "experiment": experiment.name,
+            "first": part[0],
+            "last": part[-1],
+            "total": len(experiment.plan["tasks"]),
+            "script": path.name,
+            "experiment_dir": experiment.root,
+            "experiment_dir_q": shlex.quote(str(experiment.root)),
+            "directives": "\n".join(directives(experiment, part[0], len(part))),
+            "offset": part[0],
+            "python": python,
             "requeue_code": REQUEUE_EXIT_CODE,
         }
         # The header comments hold the name, folder and script file as they are: none may break its line.

@@ -28,11 +28,14 @@ def refuse_unsafe(parameters: dict, *texts: str) -> None:
     """Second line of defence (validate already refuses such specs): no parameter key or value, nor any of
     `texts` (the folder and command put in the script), may hold a control character. Inside an #SBATCH
     line a newline ends the comment and starts a shell command, and no quoting helps in a comment."""
+
     def check(where: str, text: str) -> None:
         bad = control_character(text)
         if bad:
-            raise UnsafeDirective(f"{where}: control character {bad} in {text[:80]!r}: refused, it would break out of "
-                                  "its line of the batch script")
+            raise UnsafeDirective(
+                f"{where}: control character {bad} in {text[:80]!r}: refused, it would break out of "
+                "its line of the batch script"
+            )
 
     for key, value in parameters.items():
         check(f"sbatch option {str(key)[:40]!r}", str(key))
@@ -50,7 +53,7 @@ def refuse_unsafe(parameters: dict, *texts: str) -> None:
 def _run(argv: list[str], timeout: float = 60) -> str:
     if shutil.which(argv[0]) is None:
         raise SlurmError(f"{argv[0]} not found on PATH: is this a SLURM login node (or is slurm-client installed)?")
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise SlurmError(f"{shlex.join(argv)} exited {done.returncode}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
@@ -66,7 +69,7 @@ def max_array_size() -> int:
 
 def chunks(indices: list[int], size: int) -> list[list[int]]:
     """Split task indices into arrays of at most `size` elements (each array indexes from 0)."""
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:
@@ -75,7 +78,17 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
         return {}
     states: dict[str, str] = {}
     try:
-        out = _run(["sacct", "-n", "-P", "-X", "--format=JobID,State", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))])
+        out = _run(
+            [
+                "sacct",
+                "-n",
+                "-P",
+                "-X",
+                "--format=JobID,State",
+                "-j",
+                ",".join(sorted({j.split("_")[0] for j in job_ids})),
+            ]
+        )
     except SlurmError:
         out = ""  # a cluster without accounting: squeue still knows the jobs that are queued or running
     for line in out.splitlines():
@@ -114,7 +127,7 @@ def cancel(job_ids: list[str]) -> None:
 def sbatch_parameters(resources: dict, array_parallelism: int) -> dict:
     """The spec's resources as submitit SlurmExecutor parameters (names follow sbatch's long options)."""
     params = {
-        "time": max(1, int(round(resources["time"]))),
+        "time": max(1, round(resources["time"])),
         "nodes": resources["nodes"],
         "ntasks_per_node": resources["tasks_per_node"],
         "array_parallelism": array_parallelism,
@@ -143,12 +156,14 @@ def test_only(script_text: str) -> None:
     try:
         if shutil.which("sbatch") is None:
             raise SlurmError("sbatch not found on PATH: is this a SLURM login node (or is slurm-client installed)?")
-        done = subprocess.run(["sbatch", "--test-only", fh.name], check=False, capture_output=True, text=True,
-                              timeout=60)
+        done = subprocess.run(
+            ["sbatch", "--test-only", fh.name], check=False, capture_output=True, text=True, timeout=60
+        )
         # sbatch --test-only reports on stderr either way; only the exit status tells.
         if done.returncode != 0:
-            raise SlurmError(f"the cluster refuses these resources (sbatch --test-only): "
-                             f"{(done.stderr or done.stdout).strip()}")
+            raise SlurmError(
+                f"the cluster refuses these resources (sbatch --test-only): {(done.stderr or done.stdout).strip()}"
+            )
     finally:
         os.unlink(fh.name)
 

@@ -50,9 +50,13 @@ def check_writable(folder: Path) -> None:
         raise OSError(exc.errno, f"cannot write to the output root ({exc.strerror})", str(folder)) from None
 
 
-def prepare(spec_path: str | Path, cluster: str | None = None, output_root: str | None = None,
-            check: Callable[[Experiment], None] | None = None,
-            launcher_check: bool = True) -> tuple[Submission, list[int]]:
+def prepare(
+    spec_path: str | Path,
+    cluster: str | None = None,
+    output_root: str | None = None,
+    check: Callable[[Experiment], None] | None = None,
+    launcher_check: bool = True,
+) -> tuple[Submission, list[int]]:
     """Validate, expand, check, freeze and register the spec; return the submission and the tasks to launch.
 
     Everything that can fail is tried before anything is written: the spec, the output root (writable, no
@@ -116,7 +120,9 @@ def submit(spec_path: str | Path, cluster: str | None = None, output_root: str |
     return submission
 
 
-def wait(submission: Submission, out: TextIO | None = None, poll_s: float = 2.0, timeout_s: float | None = None) -> bool:
+def wait(
+    submission: Submission, out: TextIO | None = None, poll_s: float = 2.0, timeout_s: float | None = None
+) -> bool:
     """Block until every launched task has ended, printing progress; True if all succeeded."""
     out = out or sys.stdout
     exp, registry = submission.experiment, submission.registry
@@ -143,8 +149,12 @@ def wait(submission: Submission, out: TextIO | None = None, poll_s: float = 2.0,
                 continue
             for r in runs.values():
                 if r.state not in TERMINAL_STATES:
-                    print(f"[{r.task_id}] its process exited while the task is {r.state}; "
-                          f"see: holly-hpc logs {exp.root} --task {r.task_index}", file=out, flush=True)
+                    print(
+                        f"[{r.task_id}] its process exited while the task is {r.state}; "
+                        f"see: holly-hpc logs {exp.root} --task {r.task_index}",
+                        file=out,
+                        flush=True,
+                    )
             return False
         if timeout_s is not None and time.time() - start > timeout_s:
             print("stopped waiting (timeout); the tasks go on", file=out, flush=True)
@@ -155,5 +165,5 @@ def wait(submission: Submission, out: TextIO | None = None, poll_s: float = 2.0,
 def _job_done(job) -> bool:
     try:
         return job.done()
-    except Exception:  # noqa: BLE001 - an unreadable job state counts as not done
+    except Exception:
         return False

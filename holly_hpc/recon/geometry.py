@@ -31,12 +31,18 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     w, x, y, z = q.unbind(-1)
     return torch.stack(
         (
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
         ),
         dim=-1,
-    ).reshape(q.shape[:-1] + (3, 3))
+    ).reshape((*q.shape[:-1], 3, 3))
 
 
 def random_rotations(n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
@@ -50,13 +56,16 @@ def geodesic_angle_deg(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     rel = r1.transpose(-1, -2) @ r2
     cos = (rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
     # sin from the antisymmetric part; atan2 stays accurate near 0° and 180°, where arccos does not.
-    skew = torch.stack((rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]), -1)
+    skew = torch.stack(
+        (rel[..., 2, 1] - rel[..., 1, 2], rel[..., 0, 2] - rel[..., 2, 0], rel[..., 1, 0] - rel[..., 0, 1]), -1
+    )
     sin = skew.norm(dim=-1) / 2
     return torch.rad2deg(torch.atan2(sin, cos))
 
 
-def axial_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tensor | None = None,
-                    pred_axis: torch.Tensor | None = None) -> torch.Tensor:
+def axial_error_deg(
+    r_pred: torch.Tensor, r_true: torch.Tensor, axis: torch.Tensor | None = None, pred_axis: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotation error for a structure with a continuous symmetry about `axis` (default z).
 
     Such a structure (a torus, a ring) looks the same after any spin about its axis, after flipping the

@@ -43,7 +43,9 @@ def diameter(points: torch.Tensor) -> torch.Tensor:
     return torch.cdist(points, points, compute_mode="donot_use_mm_for_euclid_dist").max()
 
 
-def _umeyama(src: torch.Tensor, dst: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _umeyama(
+    src: torch.Tensor, dst: torch.Tensor, mirror: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best similarity dst ≈ s·R·src + t for paired points (K, N, 3); R proper, or improper where `mirror`."""
     mu_s, mu_d = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
     xs, xd = src - mu_s, dst - mu_d
@@ -70,8 +72,14 @@ def _initial_rotations(n_random: int, generator: torch.Generator, dtype) -> tupl
     return inits, torch.linalg.det(inits) < 0
 
 
-def align_similarity(source: torch.Tensor, target: torch.Tensor, allow_mirror: bool = True,
-                     iterations: int = 40, n_random: int = 24, seed: int = 0) -> torch.Tensor:
+def align_similarity(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    allow_mirror: bool = True,
+    iterations: int = 40,
+    n_random: int = 24,
+    seed: int = 0,
+) -> torch.Tensor:
     """`source` moved onto `target` by the best similarity transform found (ICP from many starts).
 
     No correspondences are assumed; each start is refined by nearest-neighbour matching and Umeyama's

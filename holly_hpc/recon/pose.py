@@ -53,11 +53,13 @@ class PoseTask(TaskKind):
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
         self.config, self.device, self.dist = config, device, dist or DistInfo()
         data, model, train = config["data"], config["model"], config["train"]
-        self.structure = load_structure(data["structure"], data["num_points"], data["radius"], base_dir,
-                                        data["symmetry"])
+        self.structure = load_structure(
+            data["structure"], data["num_points"], data["radius"], base_dir, data["symmetry"]
+        )
         self.points = self.structure.points.to(device)
-        self.net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
-                           hypotheses=model["hypotheses"]).to(device)
+        self.net = PoseNet(
+            model["channels"], model["hidden"], data["max_translation"], hypotheses=model["hypotheses"]
+        ).to(device)
         self.trained = wrap_ddp(self.net, self.dist, device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
@@ -69,8 +71,9 @@ class PoseTask(TaskKind):
     def _batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         data = self.config["data"]
         generator = batch_generator(self.config["seed"], position)
-        return simulate_batch(self.structure, size, data["image_size"], data["sigma"], data["max_translation"],
-                              generator, self.device)
+        return simulate_batch(
+            self.structure, size, data["image_size"], data["sigma"], data["max_translation"], generator, self.device
+        )
 
     def _render(self, rotations, translations) -> torch.Tensor:
         data = self.config["data"]
@@ -78,6 +81,7 @@ class PoseTask(TaskKind):
 
     def _best(self, pred, images: torch.Tensor):
         """(loss, best rotations, their renders) over the network's rotation hypotheses."""
+
         def render(rotations: torch.Tensor, k: int) -> torch.Tensor:
             t = None if pred.translations is None else pred.translations.repeat_interleave(k, dim=0)
             return self._render(rotations, t)
@@ -123,8 +127,11 @@ class PoseTask(TaskKind):
         return {"eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered)])}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        return {
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])

@@ -38,8 +38,15 @@ class PoseNet(nn.Module):
     blur head predicting sigma in (MIN_SIGMA_PX, max_sigma) pixels.
     """
 
-    def __init__(self, channels: list[int], hidden: int, max_translation: float = 0.0, in_channels: int = 1,
-                 max_sigma: float = 0.0, hypotheses: int = 1):
+    def __init__(
+        self,
+        channels: list[int],
+        hidden: int,
+        max_translation: float = 0.0,
+        in_channels: int = 1,
+        max_sigma: float = 0.0,
+        hypotheses: int = 1,
+    ):
         super().__init__()
         stages, c_in = [], in_channels
         for c_out in channels:

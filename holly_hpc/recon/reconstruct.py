@@ -75,8 +75,9 @@ class ReconstructModel(nn.Module):
             t = None if pred.translations is None else pred.translations.repeat_interleave(k, dim=0)
             return render_images(self.points, rotations, s, self.image_size, t)
 
-        loss, pred.rotations, rendered = best_of_hypotheses(pred.candidates, render, images, self.loss_kind,
-                                                            self.normalise)
+        loss, pred.rotations, rendered = best_of_hypotheses(
+            pred.candidates, render, images, self.loss_kind, self.normalise
+        )
         return pred, rendered, loss
 
 
@@ -89,12 +90,21 @@ class ReconstructTask(TaskKind):
         if source == "simulate":
             structure = data["simulate"]["structure"]
             if structure not in BUILTIN_SHAPES:
-                problems += _check_obj(("data", "simulate", "structure"), structure, base_dir,
-                                       f"OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})")
+                problems += _check_obj(
+                    ("data", "simulate", "structure"),
+                    structure,
+                    base_dir,
+                    f"OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})",
+                )
         elif source == "fits":
             fits = data["fits"]
             if bool(fits.get("folder")) == bool(fits.get("folders")):
-                problems.append((("data", "fits"), "expected exactly one of 'folder' (blurred on the fly) or 'folders' (one per sigma)"))
+                problems.append(
+                    (
+                        ("data", "fits"),
+                        "expected exactly one of 'folder' (blurred on the fly) or 'folders' (one per sigma)",
+                    )
+                )
             folders = {("folder",): fits["folder"]} if fits.get("folder") else {}
             folders.update({("folders", sigma): f for sigma, f in (fits.get("folders") or {}).items()})
             for key, folder in folders.items():
@@ -113,27 +123,37 @@ class ReconstructTask(TaskKind):
         self.config, self.device, self.dist = config, device, dist or DistInfo()
         data, model, train = config["data"], config["model"], config["train"]
         self.source = make_source(data, config["seed"], device, base_dir)
-        net = PoseNet(model["channels"], model["hidden"], data["max_translation"],
-                      max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0, hypotheses=model["hypotheses"])
+        net = PoseNet(
+            model["channels"],
+            model["hidden"],
+            data["max_translation"],
+            max_sigma=model["max_sigma"] if model["predict_sigma"] else 0.0,
+            hypotheses=model["hypotheses"],
+        )
         g = torch.Generator().manual_seed(config["seed"])
-        self.model = ReconstructModel(net, initial_points(model, base_dir, g), data["image_size"], train["loss"],
-                                      train["normalise"]).to(device)
+        self.model = ReconstructModel(
+            net, initial_points(model, base_dir, g), data["image_size"], train["loss"], train["normalise"]
+        ).to(device)
         self.net, self.points = self.model.net, self.model.points
         # DDP averages the gradients of the network and the points across ranks.
         self.trained = wrap_ddp(self.model, self.dist, device)
-        self.optimizer = torch.optim.AdamW([
-            {"params": self.net.parameters(), "lr": train["lr"], "weight_decay": train["weight_decay"]},
-            {"params": [self.points], "lr": train["points_lr"], "weight_decay": 0.0},
-        ])
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.net.parameters(), "lr": train["lr"], "weight_decay": train["weight_decay"]},
+                {"params": [self.points], "lr": train["points_lr"], "weight_decay": 0.0},
+            ]
+        )
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self.step_done = 0  # progress of the curriculum, restored with the checkpoint
         self._weights_version, self._eval_cache = 0, None
 
     # ------------------------------------------------------------------ training
     def sigma(self) -> float:
-        return sigma_at(self.step_done / self.config["train"]["steps"], self.config["data"]["sigma"],
-                        self.config["data"]["sigma_end"])
-
+        return sigma_at(
+            self.step_done / self.config["train"]["steps"],
+            self.config["data"]["sigma"],
+            self.config["data"]["sigma_end"],
+        )
 
     def train_step(self, step: int) -> dict[str, float]:
         sigma = self.sigma()
@@ -179,8 +199,10 @@ class ReconstructTask(TaskKind):
     def image_grids(self) -> dict[str, torch.Tensor]:
         batch, _, rendered, _ = self._eval()
         inputs = batch["images"][:N_SHOWN]
-        return {"eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered[:N_SHOWN])]),
-                "structure/views": self.orthogonal_views()}
+        return {
+            "eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered[:N_SHOWN])]),
+            "structure/views": self.orthogonal_views(),
+        }
 
     def point_clouds(self) -> dict[str, torch.Tensor]:
         return {"structure/points": self.points.detach().cpu()}
@@ -196,9 +218,13 @@ class ReconstructTask(TaskKind):
 
     # ------------------------------------------------------------------ state and outputs
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "points": self.points.detach().clone(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step_done": self.step_done}
+        return {
+            "net": self.net.state_dict(),
+            "points": self.points.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step_done": self.step_done,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
@@ -235,4 +261,3 @@ class ReconstructTask(TaskKind):
         save_png(final_dir / "renders.png", grids["eval/inputs_vs_renders"])
         save_png(final_dir / "views.png", grids["structure/views"], scale=2)
         return self.evaluate()
-

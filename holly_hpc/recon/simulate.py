@@ -53,8 +53,9 @@ def asymmetric_points(num_points: int) -> torch.Tensor:
     """A fixed random cloud of five clusters of unequal sizes at unequal distances: no rotation or
     mirror maps it onto itself."""
     g = torch.Generator().manual_seed(1234)
-    centres = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.2, 0.7, 0.1], [-0.3, -0.2, 0.8], [-0.6, 0.5, -0.5]],
-                           dtype=torch.float64)
+    centres = torch.tensor(
+        [[0.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.2, 0.7, 0.1], [-0.3, -0.2, 0.8], [-0.6, 0.5, -0.5]], dtype=torch.float64
+    )
     widths = torch.tensor([0.15, 0.08, 0.12, 0.05, 0.1], dtype=torch.float64)
     share = torch.tensor([0.3, 0.15, 0.25, 0.1, 0.2])
     which = torch.multinomial(share, num_points, replacement=True, generator=g)
@@ -86,8 +87,9 @@ class Structure:
     name: str
 
 
-def load_structure(name_or_path: str, num_points: int, radius: float, base_dir: Path | None = None,
-                   symmetry: str = "auto") -> Structure:
+def load_structure(
+    name_or_path: str, num_points: int, radius: float, base_dir: Path | None = None, symmetry: str = "auto"
+) -> Structure:
     """A built-in shape by name, or the vertices of an OBJ file (relative paths from base_dir).
 
     symmetry "auto" takes the built-in shape's own ("none" for an OBJ); "axial"/"none" override it.
@@ -141,8 +143,9 @@ class LocalisationNoise:
         return self.wobble > 0 or self.dropout > 0 or self.spawn > 0
 
 
-def noisy_points(points: torch.Tensor, batch: int, noise: LocalisationNoise,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+def noisy_points(
+    points: torch.Tensor, batch: int, noise: LocalisationNoise, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-image copies of `points` (N, 3) with noise: points (B, M, 3) and blob weights (B, M) or None.
 
     Dropped points keep their place with weight 0 and spawned ones are appended with weight 0 or 1, so

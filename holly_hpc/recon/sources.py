@@ -49,8 +49,17 @@ class SimulatedSource(ImageSource):
         self.data, self.seed, self.device = data, seed, device
 
     def _batch(self, position: int, size: int, sigma: float, spin: bool = False) -> dict[str, torch.Tensor]:
-        return simulate_batch(self.ground_truth, size, self.data["image_size"], sigma, self.data["max_translation"],
-                              batch_generator(self.seed, position), self.device, self.noise, spin)
+        return simulate_batch(
+            self.ground_truth,
+            size,
+            self.data["image_size"],
+            sigma,
+            self.data["max_translation"],
+            batch_generator(self.seed, position),
+            self.device,
+            self.noise,
+            spin,
+        )
 
     def train_batch(self, step, batch_size, sigma):
         return self._batch(step, batch_size, sigma, spin=self.data["augment_in_plane"])
@@ -108,10 +117,14 @@ class FitsSource(ImageSource):
             stack = torch.from_numpy(read_fits_folder(resolve_path(cfg["folder"], base_dir), expected_size=size))
             self.images = {0.0: stack.to(device)}
         else:
-            stacks = read_fits_folders_by_sigma({float(k): resolve_path(v, base_dir) for k, v in cfg["folders"].items()})
+            stacks = read_fits_folders_by_sigma(
+                {float(k): resolve_path(v, base_dir) for k, v in cfg["folders"].items()}
+            )
             for sigma, stack in stacks.items():
                 if stack.shape[-1] != size:
-                    raise ValueError(f"FITS folder for sigma {sigma}: images are {stack.shape[-1]}², data.image_size is {size}")
+                    raise ValueError(
+                        f"FITS folder for sigma {sigma}: images are {stack.shape[-1]}², data.image_size is {size}"
+                    )
             self.images = {s: torch.from_numpy(v).to(device) for s, v in stacks.items()}
             self.by_sigma = sorted(self.images)
         n = next(iter(self.images.values())).shape[0]
@@ -135,7 +148,7 @@ class FitsSource(ImageSource):
 
     def eval_batch(self, sigma):
         stack, blur = self._stack(sigma)
-        images = stack[self.n_train:self.n_train + self.n_eval]
+        images = stack[self.n_train : self.n_train + self.n_eval]
         return {"images": gaussian_blur(images, sigma) if blur else images}
 
 
@@ -148,8 +161,11 @@ class LocalisationSource(ImageSource):
         from ..io.localisations import centre_particles, read_localisations
 
         cfg = data["localisations"]
-        table = centre_particles(read_localisations(resolve_path(cfg["path"], base_dir), columns=cfg.get("columns") or None,
-                                                    dataset=cfg.get("dataset")))
+        table = centre_particles(
+            read_localisations(
+                resolve_path(cfg["path"], base_dir), columns=cfg.get("columns") or None, dataset=cfg.get("dataset")
+            )
+        )
         particles = [torch.as_tensor(p, dtype=torch.float32) for _, p in sorted(table.particles.items())]
         longest = max(len(p) for p in particles)
         points = torch.zeros(len(particles), longest, 3)
@@ -157,8 +173,8 @@ class LocalisationSource(ImageSource):
         # nm -> pixels -> image frame ([-1, 1] spans image_size pixels); 2D tables get z = 0.
         scale = 2.0 / (cfg["pixel_size_nm"] * data["image_size"])
         for i, p in enumerate(particles):
-            points[i, :len(p), :p.shape[1]] = p * scale
-            weights[i, :len(p)] = 1.0
+            points[i, : len(p), : p.shape[1]] = p * scale
+            weights[i, : len(p)] = 1.0
         self.points, self.weights = points.to(device), weights.to(device)
         self.n_train, self.n_eval = _split(len(particles), data["eval_size"], f"particles in {cfg['path']}")
         self.data, self.seed, self.device = data, seed, device

@@ -11,8 +11,19 @@ from .urls import has_password, is_postgres, redact
 ENV_URL = "HOLLY_REGISTRY_URL"
 DEFAULT_FILE = "registry.sqlite"
 
-__all__ = ["STATES", "TERMINAL_STATES", "ExperimentRow", "MissingRows", "Registry", "RunRow", "has_password", "open_registry",
-           "redact", "resolve_url", "runtime_url"]
+__all__ = [
+    "STATES",
+    "TERMINAL_STATES",
+    "ExperimentRow",
+    "MissingRows",
+    "Registry",
+    "RunRow",
+    "has_password",
+    "open_registry",
+    "redact",
+    "resolve_url",
+    "runtime_url",
+]
 
 
 def resolve_url(spec_url: str | None, output_root: Path) -> str:
@@ -29,14 +40,16 @@ def open_registry(url: str) -> Registry:
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteRegistry
 
-        return SQLiteRegistry(url[len("sqlite:///"):])
+        return SQLiteRegistry(url[len("sqlite:///") :])
     if is_postgres(url):
         from .postgres import PostgresRegistry
 
         return PostgresRegistry(url)
     scheme = url.split(":", 1)[0]
-    raise ValueError(f"unsupported registry URL scheme {scheme!r}: expected sqlite:///path/to/registry.sqlite "
-                     "or postgresql://user@host/database")
+    raise ValueError(
+        f"unsupported registry URL scheme {scheme!r}: expected sqlite:///path/to/registry.sqlite "
+        "or postgresql://user@host/database"
+    )
 
 
 def runtime_url(stored: str) -> str:

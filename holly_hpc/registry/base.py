@@ -61,8 +61,9 @@ class Registry(ABC):
         """Bring the schema to the latest version; returns the versions applied now."""
 
     @abstractmethod
-    def upsert_experiment(self, name: str, spec_text: str, spec_hash: str, experiment_dir: str,
-                          provenance: dict | None = None) -> None:
+    def upsert_experiment(
+        self, name: str, spec_text: str, spec_hash: str, experiment_dir: str, provenance: dict | None = None
+    ) -> None:
         """provenance: owner, git_commit, git_dirty, holly_hpc/torch/python versions, container image/digest."""
 
     @abstractmethod
@@ -78,20 +79,25 @@ class Registry(ABC):
         """Record an event that leaves the run's state as it is (a corrupt checkpoint set aside, say)."""
 
     @abstractmethod
-    def start_attempt(self, experiment: str, task_index: int, job_id: str, host: str, pid: int,
-                      proc_start: str | None = None) -> int:
+    def start_attempt(
+        self, experiment: str, task_index: int, job_id: str, host: str, pid: int, proc_start: str | None = None
+    ) -> int:
         """Record a new execution of the run (state running) by process `pid` (whose start identity is
         `proc_start`, to tell it from a later process with the same pid); returns its number, from 1."""
 
     @abstractmethod
-    def end_attempt(self, experiment: str, task_index: int, attempt: int, exit_reason: str, error: str | None = None) -> None: ...
+    def end_attempt(
+        self, experiment: str, task_index: int, attempt: int, exit_reason: str, error: str | None = None
+    ) -> None: ...
 
     @abstractmethod
     def set_job_ids(self, experiment: str, job_ids: dict[int, str]) -> None:
         """Record the scheduler's job id of each submitted task (task index -> id)."""
 
     @abstractmethod
-    def heartbeat(self, experiment: str, task_index: int, step: int, loss: float | None, at: float | None = None) -> None:
+    def heartbeat(
+        self, experiment: str, task_index: int, step: int, loss: float | None, at: float | None = None
+    ) -> None:
         """The run is alive at time `at` (default now) and has reached `step`."""
 
     @abstractmethod
@@ -99,7 +105,9 @@ class Registry(ABC):
         """rows: (step, key, value, wall_time); writing the same (step, key) again keeps one row."""
 
     @abstractmethod
-    def finish(self, experiment: str, task_index: int, state: str, final_metrics: dict | None, error: str | None) -> None: ...
+    def finish(
+        self, experiment: str, task_index: int, state: str, final_metrics: dict | None, error: str | None
+    ) -> None: ...
 
     @abstractmethod
     def runs(self, experiment: str | None = None, state: str | None = None) -> list[RunRow]: ...

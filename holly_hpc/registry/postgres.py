@@ -47,7 +47,11 @@ class PostgresRegistry(SQLRegistry):
     def _insert_metrics(self, conn, rows) -> None:
         from psycopg2.extras import execute_values
 
-        execute_values(conn.cursor(),
-                       "INSERT INTO metrics (experiment, task_index, step, key, value, wall_time) VALUES %s"
-                       " ON CONFLICT (experiment, task_index, step, key) DO UPDATE"
-                       " SET value = excluded.value, wall_time = excluded.wall_time", rows, page_size=1000)
+        execute_values(
+            conn.cursor(),
+            "INSERT INTO metrics (experiment, task_index, step, key, value, wall_time) VALUES %s"
+            " ON CONFLICT (experiment, task_index, step, key) DO UPDATE"
+            " SET value = excluded.value, wall_time = excluded.wall_time",
+            rows,
+            page_size=1000,
+        )

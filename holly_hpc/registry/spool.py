@@ -30,11 +30,11 @@ WRITES = ("start_attempt", "end_attempt", "set_state", "note", "heartbeat", "log
 
 @dataclass
 class ReplayResult:
-    sent: int            # writes that landed
-    total: int           # writes the spool held
-    error: str | None    # why the first write that did not land failed
+    sent: int  # writes that landed
+    total: int  # writes the spool held
+    error: str | None  # why the first write that did not land failed
     restored: bool = False  # the experiment's rows had to be written again first
-    unreadable: int = 0     # lines cut short by a crash mid-write, moved to <spool>.unreadable
+    unreadable: int = 0  # lines cut short by a crash mid-write, moved to <spool>.unreadable
 
     @property
     def done(self) -> bool:
@@ -67,7 +67,10 @@ class SpooledRegistry:
         return lambda *args, **kwargs: self._write(name, args, kwargs)
 
     def _write(self, method: str, args: tuple, kwargs: dict):
-        if method in ("start_attempt", "heartbeat", "end_attempt", "set_state", "note", "finish") and "at" not in kwargs:
+        if (
+            method in ("start_attempt", "heartbeat", "end_attempt", "set_state", "note", "finish")
+            and "at" not in kwargs
+        ):
             kwargs = {**kwargs, "at": time.time()}  # the moment it happened, kept through a replay
         if self.pending() and not self.replay().done:
             self._append(method, args, kwargs)
@@ -75,16 +78,23 @@ class SpooledRegistry:
         restored: list = []
         try:
             result = write_restoring(self.registry, method, args, kwargs, self.restore, restored)
-        except Exception as exc:  # noqa: BLE001 - any database failure: keep the write for later
+        except Exception as exc:
             self._append(method, args, kwargs)
             if not self._warned:
-                print(f"[{self.label}] registry unavailable ({exc}); spooling to {self.spool_path}, training goes on",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[{self.label}] registry unavailable ({exc}); spooling to {self.spool_path}, training goes on",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._warned = True
             return None
         if restored:
-            print(f"[{self.label}] the registry had lost this experiment's rows; wrote them again from the "
-                  "experiment folder", file=sys.stderr, flush=True)
+            print(
+                f"[{self.label}] the registry had lost this experiment's rows; wrote them again from the "
+                "experiment folder",
+                file=sys.stderr,
+                flush=True,
+            )
         return result
 
     def _append(self, method: str, args: tuple, kwargs: dict) -> None:
@@ -122,11 +132,11 @@ def replay_spool(registry, path: Path, restore: Callable[[], None] | None = None
             continue
         try:
             write_restoring(registry, entry["method"], entry["args"], entry["kwargs"], restore, restored)
-        except Exception as exc:  # noqa: BLE001 - still down, or still missing: keep this and everything after it
+        except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             break
         sent += 1
-    rest = lines[sent + unreadable:]
+    rest = lines[sent + unreadable :]
     if rest:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("\n".join(rest) + "\n", encoding="utf-8")

@@ -13,8 +13,16 @@ from contextlib import AbstractContextManager
 
 from .base import STATES, ExperimentRow, MissingRows, Registry, RunRow
 
-PROVENANCE = ("owner", "git_commit", "git_dirty", "holly_hpc_version", "torch_version", "python_version",
-              "container_image", "container_digest")
+PROVENANCE = (
+    "owner",
+    "git_commit",
+    "git_dirty",
+    "holly_hpc_version",
+    "torch_version",
+    "python_version",
+    "container_image",
+    "container_digest",
+)
 
 EXIT_REASONS = ("completed", "failed", "timeout", "preempted", "cancelled", "lost")
 _EXIT_CHECK = f"CHECK (exit_reason IN ({', '.join(repr(r) for r in EXIT_REASONS)}))"
@@ -23,26 +31,42 @@ _EXIT_CHECK = f"CHECK (exit_reason IN ({', '.join(repr(r) for r in EXIT_REASONS)
 # Version 1 is the base schema file of each dialect.
 MIGRATIONS = [
     (2, "runs.job_id: the scheduler's id of a task's latest submission", ["ALTER TABLE runs ADD COLUMN job_id TEXT"]),
-    (3, "experiment provenance: owner, code version, software versions, container",
-     [f"ALTER TABLE experiments ADD COLUMN {c} {'BOOLEAN' if c == 'git_dirty' else 'TEXT'}" for c in PROVENANCE]),
-    (4, "events are idempotent: one row per (run, time, state), so a replayed write adds nothing",
-     ["CREATE UNIQUE INDEX IF NOT EXISTS events_natural_key ON events (experiment, task_index, time, state)"]),
-    (5, "attempts: exit reason 'lost' (its process ended without reporting) and the process's start identity",
-     {"sqlite": [  # SQLite cannot alter a CHECK constraint: rebuild the table
-         ("CREATE TABLE attempts_v5 (experiment TEXT NOT NULL, task_index INTEGER NOT NULL, attempt INTEGER NOT NULL,"
-          " job_id TEXT, host TEXT, pid INTEGER, started REAL NOT NULL, ended REAL,"
-          f" exit_reason TEXT {_EXIT_CHECK}, error TEXT, proc_start TEXT,"
-          " PRIMARY KEY (experiment, task_index, attempt),"
-          " FOREIGN KEY (experiment, task_index) REFERENCES runs(experiment, task_index))"),
-         ("INSERT INTO attempts_v5 (experiment, task_index, attempt, job_id, host, pid, started, ended, exit_reason, error)"
-          " SELECT experiment, task_index, attempt, job_id, host, pid, started, ended, exit_reason, error FROM attempts"),
-         "DROP TABLE attempts",
-         "ALTER TABLE attempts_v5 RENAME TO attempts",
-     ], "postgresql": [
-         "ALTER TABLE attempts DROP CONSTRAINT IF EXISTS attempts_exit_reason_check",
-         f"ALTER TABLE attempts ADD CONSTRAINT attempts_exit_reason_check {_EXIT_CHECK}",
-         "ALTER TABLE attempts ADD COLUMN proc_start TEXT",
-     ]}),
+    (
+        3,
+        "experiment provenance: owner, code version, software versions, container",
+        [f"ALTER TABLE experiments ADD COLUMN {c} {'BOOLEAN' if c == 'git_dirty' else 'TEXT'}" for c in PROVENANCE],
+    ),
+    (
+        4,
+        "events are idempotent: one row per (run, time, state), so a replayed write adds nothing",
+        ["CREATE UNIQUE INDEX IF NOT EXISTS events_natural_key ON events (experiment, task_index, time, state)"],
+    ),
+    (
+        5,
+        "attempts: exit reason 'lost' (its process ended without reporting) and the process's start identity",
+        {
+            "sqlite": [  # SQLite cannot alter a CHECK constraint: rebuild the table
+                (
+                    "CREATE TABLE attempts_v5 (experiment TEXT NOT NULL, task_index INTEGER NOT NULL, attempt INTEGER NOT NULL,"
+                    " job_id TEXT, host TEXT, pid INTEGER, started REAL NOT NULL, ended REAL,"
+                    f" exit_reason TEXT {_EXIT_CHECK}, error TEXT, proc_start TEXT,"
+                    " PRIMARY KEY (experiment, task_index, attempt),"
+                    " FOREIGN KEY (experiment, task_index) REFERENCES runs(experiment, task_index))"
+                ),
+                (
+                    "INSERT INTO attempts_v5 (experiment, task_index, attempt, job_id, host, pid, started, ended, exit_reason, error)"
+                    " SELECT experiment, task_index, attempt, job_id, host, pid, started, ended, exit_reason, error FROM attempts"
+                ),
+                "DROP TABLE attempts",
+                "ALTER TABLE attempts_v5 RENAME TO attempts",
+            ],
+            "postgresql": [
+                "ALTER TABLE attempts DROP CONSTRAINT IF EXISTS attempts_exit_reason_check",
+                f"ALTER TABLE attempts ADD CONSTRAINT attempts_exit_reason_check {_EXIT_CHECK}",
+                "ALTER TABLE attempts ADD COLUMN proc_start TEXT",
+            ],
+        },
+    ),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
@@ -102,11 +126,16 @@ class SQLRegistry(Registry):
                     continue
                 for statement in statements[self.dialect] if isinstance(statements, dict) else statements:
                     words = statement.split()
-                    if words[:2] == ["ALTER", "TABLE"] and words[3:5] == ["ADD", "COLUMN"] \
-                            and words[5] in self._columns(conn, words[2]):
+                    if (
+                        words[:2] == ["ALTER", "TABLE"]
+                        and words[3:5] == ["ADD", "COLUMN"]
+                        and words[5] in self._columns(conn, words[2])
+                    ):
                         continue  # a file created with a newer base already has it
                     self._execute(conn, statement)
-                self._execute(conn, "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
+                self._execute(
+                    conn, "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time())
+                )
                 applied.append(version)
         return applied
 
@@ -127,31 +156,47 @@ class SQLRegistry(Registry):
         marks = ", ".join("?" for _ in PROVENANCE)
         updates = ", ".join(f"{c} = excluded.{c}" for c in ("spec_text", "spec_hash", "experiment_dir", *PROVENANCE))
         with self._connect() as conn:
-            self._execute(conn,
-                          f"INSERT INTO experiments (name, created, spec_text, spec_hash, experiment_dir, {columns})"
-                          f" VALUES (?, ?, ?, ?, ?, {marks}) ON CONFLICT (name) DO UPDATE SET {updates}",
-                          (name, time.time(), spec_text, spec_hash, experiment_dir, *provenance.values()))
+            self._execute(
+                conn,
+                f"INSERT INTO experiments (name, created, spec_text, spec_hash, experiment_dir, {columns})"
+                f" VALUES (?, ?, ?, ?, ?, {marks}) ON CONFLICT (name) DO UPDATE SET {updates}",
+                (name, time.time(), spec_text, spec_hash, experiment_dir, *provenance.values()),
+            )
 
     def upsert_runs(self, experiment, runs):
         now = time.time()
         with self._connect() as conn:
             for r in runs:
-                self._execute(conn,
-                              "INSERT INTO runs (experiment, task_index, task_id, config, config_hash, seed, out_dir, state, created)"
-                              " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (experiment, task_index) DO NOTHING",
-                              (experiment, r["task_index"], r["task_id"], r["config"], r["config_hash"], r["seed"],
-                               r["out_dir"], now))
+                self._execute(
+                    conn,
+                    "INSERT INTO runs (experiment, task_index, task_id, config, config_hash, seed, out_dir, state, created)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT (experiment, task_index) DO NOTHING",
+                    (
+                        experiment,
+                        r["task_index"],
+                        r["task_id"],
+                        r["config"],
+                        r["config_hash"],
+                        r["seed"],
+                        r["out_dir"],
+                        now,
+                    ),
+                )
 
     def _update_run(self, conn, experiment, task_index, assignments: str, params: tuple) -> None:
         """UPDATE one run's row; MissingRows if there is none (the write would otherwise vanish)."""
-        cursor = self._execute(conn, f"UPDATE runs SET {assignments} WHERE experiment = ? AND task_index = ?",
-                               (*params, experiment, task_index))
+        cursor = self._execute(
+            conn,
+            f"UPDATE runs SET {assignments} WHERE experiment = ? AND task_index = ?",
+            (*params, experiment, task_index),
+        )
         if cursor.rowcount == 0:
             raise MissingRows(f"no run {experiment} task {task_index} in {self.url}")
 
     def _require_run(self, conn, experiment, task_index) -> None:
-        if not self._execute(conn, "SELECT 1 FROM runs WHERE experiment = ? AND task_index = ?",
-                             (experiment, task_index)).fetchone():
+        if not self._execute(
+            conn, "SELECT 1 FROM runs WHERE experiment = ? AND task_index = ?", (experiment, task_index)
+        ).fetchone():
             raise MissingRows(f"no run {experiment} task {task_index} in {self.url}")
 
     def set_state(self, experiment, task_index, state, reason, at=None):
@@ -164,16 +209,20 @@ class SQLRegistry(Registry):
     def note(self, experiment, task_index, reason, at=None):
         """An event that changes nothing, e.g. a corrupt checkpoint moved aside (the run's state is kept)."""
         with self._connect() as conn:
-            row = self._execute(conn, "SELECT state FROM runs WHERE experiment = ? AND task_index = ?",
-                                (experiment, task_index)).fetchone()
+            row = self._execute(
+                conn, "SELECT state FROM runs WHERE experiment = ? AND task_index = ?", (experiment, task_index)
+            ).fetchone()
             if row is None:
                 raise MissingRows(f"no run {experiment} task {task_index} in {self.url}")
             self._event(conn, experiment, task_index, row[0], reason, at)
 
     def _event(self, conn, experiment, task_index, state, reason, at=None):
-        self._execute(conn, "INSERT INTO events (experiment, task_index, time, state, reason) VALUES (?, ?, ?, ?, ?)"
-                            " ON CONFLICT (experiment, task_index, time, state) DO NOTHING",
-                      (experiment, task_index, at or time.time(), state, reason))
+        self._execute(
+            conn,
+            "INSERT INTO events (experiment, task_index, time, state, reason) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (experiment, task_index, time, state) DO NOTHING",
+            (experiment, task_index, at or time.time(), state, reason),
+        )
 
     def start_attempt(self, experiment, task_index, job_id, host, pid, at=None, proc_start=None):
         """Only the process that holds the task's lock calls this, so any attempt still open is one whose
@@ -181,22 +230,45 @@ class SQLRegistry(Registry):
         becomes this process's job: the job that is actually training."""
         now = at or time.time()
         with self._connect() as conn:
-            same = self._execute(conn, "SELECT attempt FROM attempts WHERE experiment = ? AND task_index = ? AND started = ?",
-                                 (experiment, task_index, now)).fetchone()
+            same = self._execute(
+                conn,
+                "SELECT attempt FROM attempts WHERE experiment = ? AND task_index = ? AND started = ?",
+                (experiment, task_index, now),
+            ).fetchone()
             if same:  # a replay of a start already recorded
                 return same[0]
-            self._update_run(conn, experiment, task_index, "state = 'running', started = COALESCE(started, ?), "
-                             "finished = NULL, heartbeat = ?, error = NULL, job_id = ?", (now, now, job_id))
-            self._execute(conn, "UPDATE attempts SET ended = ?, exit_reason = 'lost', error = ? WHERE experiment = ?"
-                                " AND task_index = ? AND ended IS NULL AND started < ?",
-                          (now, f"its process ended without reporting; found by attempt started at {now:.3f}",
-                           experiment, task_index, now))
-            (last,) = self._execute(conn, "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ? AND task_index = ?",
-                                    (experiment, task_index)).fetchone()
+            self._update_run(
+                conn,
+                experiment,
+                task_index,
+                "state = 'running', started = COALESCE(started, ?), "
+                "finished = NULL, heartbeat = ?, error = NULL, job_id = ?",
+                (now, now, job_id),
+            )
+            self._execute(
+                conn,
+                "UPDATE attempts SET ended = ?, exit_reason = 'lost', error = ? WHERE experiment = ?"
+                " AND task_index = ? AND ended IS NULL AND started < ?",
+                (
+                    now,
+                    f"its process ended without reporting; found by attempt started at {now:.3f}",
+                    experiment,
+                    task_index,
+                    now,
+                ),
+            )
+            (last,) = self._execute(
+                conn,
+                "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ? AND task_index = ?",
+                (experiment, task_index),
+            ).fetchone()
             attempt = last + 1
-            self._execute(conn, "INSERT INTO attempts (experiment, task_index, attempt, job_id, host, pid, started, proc_start)"
-                                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                          (experiment, task_index, attempt, job_id, host, pid, now, proc_start))
+            self._execute(
+                conn,
+                "INSERT INTO attempts (experiment, task_index, attempt, job_id, host, pid, started, proc_start)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (experiment, task_index, attempt, job_id, host, pid, now, proc_start),
+            )
             self._event(conn, experiment, task_index, "running", f"attempt {attempt} (job {job_id} on {host})", now)
         return attempt
 
@@ -205,49 +277,76 @@ class SQLRegistry(Registry):
         whose start never reached this database (it was lost with an earlier one) is recorded as it ended."""
         at = at or time.time()
         with self._connect() as conn:
-            cursor = self._execute(conn, "UPDATE attempts SET ended = ?, exit_reason = ?, error = ?"
-                                         " WHERE experiment = ? AND task_index = ? AND (attempt = ? OR started = ?)",
-                                   (at, exit_reason, error, experiment, task_index, attempt, started))
+            cursor = self._execute(
+                conn,
+                "UPDATE attempts SET ended = ?, exit_reason = ?, error = ?"
+                " WHERE experiment = ? AND task_index = ? AND (attempt = ? OR started = ?)",
+                (at, exit_reason, error, experiment, task_index, attempt, started),
+            )
             if cursor.rowcount:
                 return
             self._require_run(conn, experiment, task_index)
             if attempt is None:
-                (last,) = self._execute(conn, "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ?"
-                                              " AND task_index = ?", (experiment, task_index)).fetchone()
+                (last,) = self._execute(
+                    conn,
+                    "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ? AND task_index = ?",
+                    (experiment, task_index),
+                ).fetchone()
                 attempt = last + 1
-            self._execute(conn, "INSERT INTO attempts (experiment, task_index, attempt, started, ended, exit_reason, error)"
-                                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (experiment, task_index, attempt, started if started is not None else at, at, exit_reason, error))
+            self._execute(
+                conn,
+                "INSERT INTO attempts (experiment, task_index, attempt, started, ended, exit_reason, error)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (experiment, task_index, attempt, started if started is not None else at, at, exit_reason, error),
+            )
 
     def set_job_ids(self, experiment, job_ids):
         """The scheduler's ids of newly submitted tasks. A task already running keeps the id of the job that
         runs it: a second submission's job will find the task locked and exit."""
         with self._connect() as conn:
             for index, job in job_ids.items():
-                self._execute(conn, "UPDATE runs SET job_id = ? WHERE experiment = ? AND task_index = ? AND state <> 'running'",
-                              (job, experiment, index))
+                self._execute(
+                    conn,
+                    "UPDATE runs SET job_id = ? WHERE experiment = ? AND task_index = ? AND state <> 'running'",
+                    (job, experiment, index),
+                )
 
     def heartbeat(self, experiment, task_index, step, loss, at=None):
         with self._connect() as conn:
-            self._update_run(conn, experiment, task_index, "heartbeat = ?, last_step = ?, last_loss = ?",
-                             (at or time.time(), step, loss))
+            self._update_run(
+                conn,
+                experiment,
+                task_index,
+                "heartbeat = ?, last_step = ?, last_loss = ?",
+                (at or time.time(), step, loss),
+            )
 
     def log_metrics(self, experiment, task_index, rows):
         with self._connect() as conn:
             self._require_run(conn, experiment, task_index)
-            self._insert_metrics(conn, [(experiment, task_index, step, key, value, wall) for step, key, value, wall in rows])
+            self._insert_metrics(
+                conn, [(experiment, task_index, step, key, value, wall) for step, key, value, wall in rows]
+            )
 
     def _insert_metrics(self, conn, rows) -> None:
-        conn.cursor().executemany(self._sql(
-            "INSERT INTO metrics (experiment, task_index, step, key, value, wall_time) VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (experiment, task_index, step, key) DO UPDATE SET value = excluded.value, wall_time = excluded.wall_time"),
-            rows)
+        conn.cursor().executemany(
+            self._sql(
+                "INSERT INTO metrics (experiment, task_index, step, key, value, wall_time) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (experiment, task_index, step, key) DO UPDATE SET value = excluded.value, wall_time = excluded.wall_time"
+            ),
+            rows,
+        )
 
     def finish(self, experiment, task_index, state, final_metrics, error, at=None):
         at = at or time.time()
         with self._connect() as conn:
-            self._update_run(conn, experiment, task_index, "state = ?, finished = ?, final_metrics = ?, error = ?",
-                             (state, at, json.dumps(final_metrics) if final_metrics is not None else None, error))
+            self._update_run(
+                conn,
+                experiment,
+                task_index,
+                "state = ?, finished = ?, final_metrics = ?, error = ?",
+                (state, at, json.dumps(final_metrics) if final_metrics is not None else None, error),
+            )
             self._event(conn, experiment, task_index, state, (error or "")[-500:] or None, at)
 
     # ----------------------------------------------------------------------------------- reads
@@ -265,8 +364,12 @@ class SQLRegistry(Registry):
 
     def experiments(self):
         with self._connect(write=False) as conn:
-            exps = self._execute(conn, "SELECT name, created, experiment_dir FROM experiments ORDER BY created").fetchall()
-            counts = self._execute(conn, "SELECT experiment, state, COUNT(*) FROM runs GROUP BY experiment, state").fetchall()
+            exps = self._execute(
+                conn, "SELECT name, created, experiment_dir FROM experiments ORDER BY created"
+            ).fetchall()
+            counts = self._execute(
+                conn, "SELECT experiment, state, COUNT(*) FROM runs GROUP BY experiment, state"
+            ).fetchall()
         by_exp: dict[str, dict] = {}
         for name, state, n in counts:
             by_exp.setdefault(name, {})[state] = n
@@ -278,28 +381,40 @@ class SQLRegistry(Registry):
             cursor = self._execute(conn, "SELECT * FROM experiments WHERE name = ?", (name,))
             row = cursor.fetchone()
             columns = [d[0] for d in cursor.description]
-        return dict(zip(columns, row)) if row else None
+        return dict(zip(columns, row, strict=True)) if row else None
 
     def run_config(self, experiment: str, task_index: int) -> dict | None:
         with self._connect(write=False) as conn:
-            row = self._execute(conn, "SELECT config FROM runs WHERE experiment = ? AND task_index = ?",
-                                (experiment, task_index)).fetchone()
+            row = self._execute(
+                conn, "SELECT config FROM runs WHERE experiment = ? AND task_index = ?", (experiment, task_index)
+            ).fetchone()
         return _json(row[0]) if row else None
 
     def attempts(self, experiment: str, task_index: int) -> list[dict]:
         with self._connect(write=False) as conn:
-            cursor = self._execute(conn, "SELECT attempt, job_id, host, pid, started, ended, exit_reason, error, proc_start"
-                                         " FROM attempts"
-                                         " WHERE experiment = ? AND task_index = ? ORDER BY attempt", (experiment, task_index))
+            cursor = self._execute(
+                conn,
+                "SELECT attempt, job_id, host, pid, started, ended, exit_reason, error, proc_start"
+                " FROM attempts"
+                " WHERE experiment = ? AND task_index = ? ORDER BY attempt",
+                (experiment, task_index),
+            )
             columns = [d[0] for d in cursor.description]
-            return [dict(zip(columns, row)) for row in cursor.fetchall()]
+            return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
     def metrics(self, experiment, task_index):
         with self._connect(write=False) as conn:
-            return [tuple(r) for r in self._execute(conn, "SELECT step, key, value FROM metrics WHERE experiment = ? AND task_index = ?"
-                                                          " ORDER BY step, key", (experiment, task_index)).fetchall()]
+            return [
+                tuple(r)
+                for r in self._execute(
+                    conn,
+                    "SELECT step, key, value FROM metrics WHERE experiment = ? AND task_index = ? ORDER BY step, key",
+                    (experiment, task_index),
+                ).fetchall()
+            ]
 
     def count_metrics(self, experiment: str | None = None) -> int:
         with self._connect(write=False) as conn:
-            return self._execute(conn, "SELECT COUNT(*) FROM metrics WHERE (? IS NULL OR experiment = ?)",
-                                 (experiment, experiment)).fetchone()[0]
+            return self._execute(
+                conn, "SELECT COUNT(*) FROM metrics WHERE (? IS NULL OR experiment = ?)", (experiment, experiment)
+            ).fetchone()[0]

@@ -112,11 +112,14 @@ def verified_checkpoint(path: Path) -> dict[str, Any]:
         payload = load_checkpoint(path)
     except CorruptCheckpoint:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch/zip/pickle errors of a damaged file take many forms
+    except Exception as exc:
         raise CorruptCheckpoint(f"cannot be read: {type(exc).__name__}: {exc}") from None
     match = _NAME.match(path.name)
-    if not isinstance(payload, dict) or not {"step", "kind", "rng"} <= payload.keys() \
-            or (match and payload["step"] != int(match.group(1))):
+    if (
+        not isinstance(payload, dict)
+        or not {"step", "kind", "rng"} <= payload.keys()
+        or (match and payload["step"] != int(match.group(1)))
+    ):
         raise CorruptCheckpoint("it is not a holly-hpc checkpoint of the step its name says")
     return payload
 
@@ -130,8 +133,9 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
-def newest_intact_checkpoint(directory: Path, on_corrupt: Callable[[Path, Path | None, str], None] | None = None,
-                             move_aside: bool = True) -> tuple[Path, dict[str, Any]] | None:
+def newest_intact_checkpoint(
+    directory: Path, on_corrupt: Callable[[Path, Path | None, str], None] | None = None, move_aside: bool = True
+) -> tuple[Path, dict[str, Any]] | None:
     """(path, payload) of the newest checkpoint that verifies, or None. Each newer one that does not is moved
     aside (unless `move_aside` is False: another process owns the folder) and reported to
     on_corrupt(path, where it went or None, why)."""

@@ -31,7 +31,7 @@ class DistInfo:
         """This rank's rows of a batch drawn identically on every rank."""
         if not self.active:
             return batch
-        return {key: value[self.rank::self.world] for key, value in batch.items()}
+        return {key: value[self.rank :: self.world] for key, value in batch.items()}
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is True on any (so all ranks stop at the same step)."""

@@ -17,8 +17,11 @@ def newest_task_checkpoint(experiment: Experiment, index: int, kind: str | None 
     folder = TaskPaths(experiment.task_dir(index)).checkpoints
 
     def corrupt(path, aside, why) -> None:
-        print(f"warning: checkpoint {path} is corrupt ({why}); moved to {aside.name if aside else '?'}; "
-              "using the newest intact one", file=sys.stderr)
+        print(
+            f"warning: checkpoint {path} is corrupt ({why}); moved to {aside.name if aside else '?'}; "
+            "using the newest intact one",
+            file=sys.stderr,
+        )
 
     found = newest_intact_checkpoint(folder, corrupt)
     if found is None:

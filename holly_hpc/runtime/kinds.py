@@ -66,6 +66,7 @@ class TaskKind(ABC):
 
     def on_checkpoint(self, step: int, store) -> None:
         """Called after each checkpoint is saved, e.g. to keep a snapshot in outputs.zarr."""
+        return  # an optional hook: most kinds keep nothing per checkpoint
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

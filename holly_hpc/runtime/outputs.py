@@ -40,7 +40,7 @@ class TaskPaths:
     def final(self) -> Path:
         return self.root / "final"
 
-    def make(self) -> "TaskPaths":
+    def make(self) -> TaskPaths:
         """Create the folders, refusing any that is a symbolic link out of the task folder."""
         for d in (self.checkpoints, self.tb, self.zarr, self.final):
             inside(self.root, d.name)
@@ -63,8 +63,9 @@ class MetricsStore:
         self.n_logs = n_logs
 
     def _array(self, key: str):
-        return self.group.require_array(f"metrics/{key}", shape=(self.n_logs,), dtype="f8",
-                                        fill_value=math.nan, chunks=(self.n_logs,))
+        return self.group.require_array(
+            f"metrics/{key}", shape=(self.n_logs,), dtype="f8", fill_value=math.nan, chunks=(self.n_logs,)
+        )
 
     def write(self, log_index: int, step: int, metrics: dict[str, float]) -> None:
         self._array("step")[log_index] = step
@@ -74,15 +75,17 @@ class MetricsStore:
     def write_slot(self, name: str, slot: int, slots: int, value) -> None:
         """Write one entry of an array with `slots` entries along its first axis (created on first use)."""
         value = np.asarray(value)
-        array = self.group.require_array(name, shape=(slots, *value.shape), dtype=value.dtype,
-                                         chunks=(1, *value.shape), fill_value=0)
+        array = self.group.require_array(
+            name, shape=(slots, *value.shape), dtype=value.dtype, chunks=(1, *value.shape), fill_value=0
+        )
         array[slot] = value
 
     def write_array(self, name: str, values: np.ndarray) -> None:
         """A whole array of the task's results, replacing any earlier version."""
         values = np.asarray(values)
-        self.group.create_array(name, shape=values.shape, dtype=values.dtype,
-                                chunks=values.shape or None, overwrite=True)[...] = values
+        self.group.create_array(
+            name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None, overwrite=True
+        )[...] = values
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -122,7 +125,7 @@ def rgb_grid(images: torch.Tensor, pad: int = 2) -> torch.Tensor:
     for r in range(rows):
         for c in range(cols):
             top, left = pad + r * (h + pad), pad + c * (w + pad)
-            grid[:, top:top + h, left:left + w] = images[r, c]
+            grid[:, top : top + h, left : left + w] = images[r, c]
     return grid
 
 
@@ -164,11 +167,13 @@ class TensorBoardSink:
     def histogram(self, tag: str, step: int, values: torch.Tensor) -> None:
         self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
-    def embedding(self, tag: str, step: int, embeddings: torch.Tensor, labels: list[str] | None,
-                  thumbnails: torch.Tensor | None) -> None:
+    def embedding(
+        self, tag: str, step: int, embeddings: torch.Tensor, labels: list[str] | None, thumbnails: torch.Tensor | None
+    ) -> None:
         """Embeddings for the projector, with their labels and thumbnails (sprites)."""
-        self.writer.add_embedding(embeddings.detach().float().cpu(), metadata=labels, label_img=thumbnails,
-                                  global_step=step, tag=tag)
+        self.writer.add_embedding(
+            embeddings.detach().float().cpu(), metadata=labels, label_img=thumbnails, global_step=step, tag=tag
+        )
 
     def hparams(self, hparams: dict, final_metrics: dict[str, float], step: int) -> None:
         """Write hparams into this run itself: SummaryWriter.add_hparams would open a stray subfolder."""

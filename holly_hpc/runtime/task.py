@@ -106,8 +106,15 @@ def current_job_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-def run_task(experiment: Experiment, index: int, registry=None, stop_after_step: int | None = None, out=None,
-             stop: StopRequest | None = None, dist: DistInfo | None = None):
+def run_task(
+    experiment: Experiment,
+    index: int,
+    registry=None,
+    stop_after_step: int | None = None,
+    out=None,
+    stop: StopRequest | None = None,
+    dist: DistInfo | None = None,
+):
     """Build the task's kind from its frozen config and train it (resuming from its last checkpoint)."""
     import torch
 
@@ -124,10 +131,15 @@ def run_task(experiment: Experiment, index: int, registry=None, stop_after_step:
     # Seed before building the model so initial weights are a function of the task seed alone.
     seed_everything(task.seed)
     kind = get_kind(config["kind"])(config, device, experiment.spec_dir, dist)
-    reporter = RegistryReporter(registry if dist.is_main else None, experiment.name, index,
-                                flush_s=experiment.plan.get("registry_flush_s", 10.0))
-    trainer = Trainer(kind, config, TaskPaths(experiment.task_dir(index)), reporter, label=task.task_id, out=out,
-                      stop=stop, dist=dist)
+    reporter = RegistryReporter(
+        registry if dist.is_main else None,
+        experiment.name,
+        index,
+        flush_s=experiment.plan.get("registry_flush_s", 10.0),
+    )
+    trainer = Trainer(
+        kind, config, TaskPaths(experiment.task_dir(index)), reporter, label=task.task_id, out=out, stop=stop, dist=dist
+    )
     result = trainer.run(stop_after_step=stop_after_step)
     if dist.active:
         write_rank_digest(experiment.task_dir(index), dist, kind)
@@ -145,8 +157,9 @@ def write_rank_digest(task_dir: Path, dist: DistInfo, kind) -> None:
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     folder = task_dir / "ranks"
     folder.mkdir(exist_ok=True)
-    (folder / f"rank-{dist.rank}.json").write_text(json.dumps({"rank": dist.rank, "world": dist.world,
-                                                              "params_sha256": digest.hexdigest()}))
+    (folder / f"rank-{dist.rank}.json").write_text(
+        json.dumps({"rank": dist.rank, "world": dist.world, "params_sha256": digest.hexdigest()})
+    )
 
 
 class TaskRunner(submitit.helpers.Checkpointable):
@@ -178,8 +191,12 @@ class TaskRunner(submitit.helpers.Checkpointable):
                 return self._train(experiment, None, stop, dist)
             local = os.environ.get("SUBMITIT_EXECUTOR") == "local" and not dist.active
             task_dir = experiment.task_dir(self.task_index)
-            registry = SpooledRegistry(registry, task_dir / SPOOL_FILE, label=experiment.task(self.task_index).task_id,
-                                       restore=functools.partial(restore_registry, registry, experiment))
+            registry = SpooledRegistry(
+                registry,
+                task_dir / SPOOL_FILE,
+                label=experiment.task(self.task_index).task_id,
+                restore=functools.partial(restore_registry, registry, experiment),
+            )
             with task_lock(task_dir) as owned:
                 if not owned:
                     # A resubmission launched this task again while an earlier launch still holds it. Nothing is
@@ -210,8 +227,9 @@ class TaskRunner(submitit.helpers.Checkpointable):
         name, index = experiment.name, self.task_index
         # The start time names this attempt even if its start is spooled (the number comes on replay).
         started = time.time()
-        self._attempt = registry.start_attempt(name, index, current_job_id(), socket.gethostname(), os.getpid(),
-                                               at=started, proc_start=process_identity())
+        self._attempt = registry.start_attempt(
+            name, index, current_job_id(), socket.gethostname(), os.getpid(), at=started, proc_start=process_identity()
+        )
 
         def end(reason: str, error: str | None = None) -> None:
             registry.end_attempt(name, index, self._attempt, reason, error, started=started)
@@ -244,8 +262,11 @@ class TaskRunner(submitit.helpers.Checkpointable):
         end("completed")
         registry.finish(name, index, "succeeded", result.final_metrics, None)
         if not registry.replay().done:
-            print(f"registry still unreachable: {registry.pending()} write(s) wait in {registry.spool_path}; "
-                  f"replay them with: holly-hpc registry sync {experiment.root}", file=sys.stderr)
+            print(
+                f"registry still unreachable: {registry.pending()} write(s) wait in {registry.spool_path}; "
+                f"replay them with: holly-hpc registry sync {experiment.root}",
+                file=sys.stderr,
+            )
         return result.final_metrics
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -266,7 +287,7 @@ def _succeeded(registry, experiment: Experiment, index: int) -> dict | None:
     says nothing: then the task lock and its checkpoints decide, and its writes are spooled or restored."""
     try:
         runs = registry.runs(experiment.name)
-    except Exception as exc:  # noqa: BLE001 - the database may be away; training must not depend on it
+    except Exception as exc:
         print(f"registry unavailable at start ({exc}); going on", file=sys.stderr, flush=True)
         return None
     done = [r for r in runs if r.task_index == index and r.state == "succeeded"]

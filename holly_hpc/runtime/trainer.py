@@ -71,13 +71,23 @@ class TrainResult:
 
 def format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class Trainer:
-    def __init__(self, kind: TaskKind, config: dict, paths: TaskPaths, reporter: RegistryReporter | None = None,
-                 label: str = "task", out: TextIO | None = None, stop: StopRequest | None = None,
-                 dist: DistInfo | None = None):
+    def __init__(
+        self,
+        kind: TaskKind,
+        config: dict,
+        paths: TaskPaths,
+        reporter: RegistryReporter | None = None,
+        label: str = "task",
+        out: TextIO | None = None,
+        stop: StopRequest | None = None,
+        dist: DistInfo | None = None,
+    ):
         self.kind, self.config, self.paths = kind, config, paths.make()
         self.stop, self.dist = stop or StopRequest(), dist or DistInfo()
         self.reporter = reporter or RegistryReporter(None, "", 0)
@@ -91,8 +101,12 @@ class Trainer:
     def save(self) -> Path | None:
         if not self.dist.is_main:
             return None  # one writer: every rank holds the same state
-        payload = {"step": self.step, "kind": self.kind.state_dict(), "rng": rng_state(),
-                   "config_seed": self.config["seed"]}
+        payload = {
+            "step": self.step,
+            "kind": self.kind.state_dict(),
+            "rng": rng_state(),
+            "config_seed": self.config["seed"],
+        }
         return save_checkpoint(self.paths.checkpoints, self.step, payload, self.keep)
 
     def resume(self) -> bool:
@@ -156,13 +170,15 @@ class Trainer:
                     self.reporter.log(self.step, metrics)
                     rate = (self.step - first) / max(time.time() - t0, 1e-9)
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                    self._print(f"step {self.step}/{self.steps}  {shown}  {rate:.1f} steps/s  "
-                                f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}")
+                    self._print(
+                        f"step {self.step}/{self.steps}  {shown}  {rate:.1f} steps/s  "
+                        f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}"
+                    )
                 stopping = stop_after_step is not None and stop_after_step <= self.step < self.steps
                 preempted = self.dist.any(self.stop.requested) and self.step < self.steps
-                if self.step % self.checkpoint_every == 0 or self.step == self.steps or stopping or preempted:
-                    if self.save() is not None:
-                        self.kind.on_checkpoint(self.step, store)
+                boundary = self.step % self.checkpoint_every == 0 or self.step == self.steps
+                if (boundary or stopping or preempted) and self.save() is not None:
+                    self.kind.on_checkpoint(self.step, store)
                 if preempted:
                     self._print(f"checkpointed step {self.step} after {self.stop.signal_name or 'a stop request'}")
                     raise Preempted(self.step, self.stop.signal_name or "a stop request on another rank")
