@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import MissingRows
+from .base import STAMPED_WRITES, TASK_WRITES, MissingRows
 
 SPOOL_FILE = "registry-spool.jsonl"
-WRITES = ("start_attempt", "end_attempt", "set_state", "note", "heartbeat", "log_metrics", "finish")
+WRITES = TASK_WRITES  # the writes that are spooled: the interface says which (registry/base.py)
 
 
 @dataclass
@@ -67,10 +67,7 @@ class SpooledRegistry:
         return lambda *args, **kwargs: self._write(name, args, kwargs)
 
     def _write(self, method: str, args: tuple, kwargs: dict):
-        if (
-            method in ("start_attempt", "heartbeat", "end_attempt", "set_state", "note", "finish")
-            and "at" not in kwargs
-        ):
+        if method in STAMPED_WRITES and "at" not in kwargs:
             kwargs = {**kwargs, "at": time.time()}  # the moment it happened, kept through a replay
         if self.pending() and not self.replay().done:
             self._append(method, args, kwargs)
