@@ -23,9 +23,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import distributed as dist
 from torch import nn
 
+from ..runtime.distributed import all_sum, broadcast
 from .decoder import LatentExpansion, ResNetDecoder, upsampling_plan
 from .resnet import ResNetEncoder
 
@@ -209,18 +209,6 @@ class VAE(EmbeddingModel):
 # VQ-VAE
 
 
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """In DDP every process sees its own batch; the codebook statistics must be those of the global batch,
-    or the processes' codebooks drift apart."""
-    if distributed():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 class EMAVectorQuantiser(nn.Module):
     """Nearest-code quantisation of vectors (N, code_dim) with a codebook learnt by exponential moving
     averages (van den Oord et al. 2017, appendix; Razavi et al. 2019), not by gradients.
@@ -312,14 +300,15 @@ class EMAVectorQuantiser(nn.Module):
         # A restarted code counts as seen once at its new place: its EMA starts from there.
         self.embed_sum.copy_(torch.where(dead[:, None], candidates, self.embed_sum))
         self.cluster_size.copy_(torch.where(dead, torch.ones_like(self.cluster_size), self.cluster_size))
-        if distributed():
-            dist.broadcast(self.codebook, src=0)
-            dist.broadcast(self.embed_sum, src=0)
+        # In DDP every process restarts codes from its own batch: rank 0's choice is everyone's.
+        broadcast(self.codebook, src=0)
+        broadcast(self.embed_sum, src=0)
 
     @torch.no_grad()
     def update_ema(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
         sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, z)
-        counts, sums = sum_across_processes(counts.clone()), sum_across_processes(sums)
+        # The global batch's statistics, or the processes' codebooks drift apart.
+        counts, sums = all_sum(counts.clone()), all_sum(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()

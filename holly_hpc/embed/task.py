@@ -195,9 +195,7 @@ class EmbedTask(TaskKind):
     # ------------------------------------------------------------------ training
     def train_step(self, step: int) -> dict[str, Any]:
         batch_size = self.config["train"]["batch_size"]
-        indices = self.dataset.train_indices(step, batch_size)
-        if self.dist.active:
-            indices = indices[self.dist.rank :: self.dist.world]  # each rank reads only its own images
+        indices = self.dist.rows(self.dataset.train_indices(step, batch_size))  # each rank reads only its own images
         items, _ = self.dataset.load(indices)
         x = items.to(self.device, non_blocking=True)
         generator = step_generator(self.config["seed"], 2, step)

@@ -48,17 +48,6 @@ def build_generator(config: dict, channels: int) -> tuple[Generator, CodeSpec]:
     return Generator(codes.dim, channels, config["data"]["image_size"], model["generator_width"]), codes
 
 
-def average_gradients(module: torch.nn.Module, dist: DistInfo) -> None:
-    """Mean of each gradient over the ranks (what DDP does), written out because a GAN step runs the
-    discriminator several times before one backward, which DDP's hooks do not allow."""
-    if not dist.active:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-            p.grad.div_(dist.world)
-
-
 class GenerateTask(TaskKind):
     @classmethod
     def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
@@ -115,11 +104,9 @@ class GenerateTask(TaskKind):
     def train_step(self, step: int) -> dict[str, Any]:
         train, model = self.config["train"], self.config["model"]
         self._steps_done = step + 1
-        indices = self.dataset.train_indices(step, train["batch_size"])
-        codes = self._codes(train["batch_size"], CODES_STREAM, step)
-        if self.dist.active:  # each rank its share of the images and of the latents
-            indices = indices[self.dist.rank :: self.dist.world]
-            codes = {k: v[self.dist.rank :: self.dist.world] for k, v in codes.items()}
+        # Each rank its share of the images and of the latents.
+        indices = self.dist.rows(self.dataset.train_indices(step, train["batch_size"]))
+        codes = self.dist.shard(self._codes(train["batch_size"], CODES_STREAM, step))
         real, _ = self.dataset.load(indices)
         aug = self.config["data"]["augment"]
         real = augment(
@@ -150,7 +137,7 @@ class GenerateTask(TaskKind):
         loss_d = discriminator_loss(real_logits, fake_logits, loss_kind) + info_loss(ce_d, lam_cat, lam_cont)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
-        average_gradients(self.discriminator, self.dist)
+        self.dist.average_gradients(self.discriminator)
         self.opt_d.step()
 
         # Generator: fool D, and make the codes readable.
@@ -160,7 +147,7 @@ class GenerateTask(TaskKind):
         loss_g = adversarial + info_loss(ce_g, lam_cat, lam_cont)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
-        average_gradients(self.generator, self.dist)
+        self.dist.average_gradients(self.generator)
         self.opt_g.step()
         self._weights_version += 1
         lr = self.opt_g.param_groups[0]["lr"]

@@ -5,9 +5,11 @@ Adding a kind = a new module with a TaskKind subclass + one line in KINDS + its 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,63 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, train: dict) -> torch.op
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def optimiser_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    before_step: Callable[[], None] | None = None,
+    weights: WeightsCache | None = None,
+) -> list[float]:
+    """One update, written once for every kind: zero_grad, backward, `before_step` (e.g. averaging gradients
+    over the ranks, or clipping), the optimiser's step, then the schedule's. `weights` learns that the weights
+    changed. Returns the learning rate of each parameter group as this step used it (before the schedule
+    moved on). The kinds keep control of their loop: a GAN calls this once per optimiser."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if before_step is not None:
+        before_step()
+    optimizer.step()
+    if weights is not None:
+        weights.changed()
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    if scheduler is not None:
+        scheduler.step()
+    return lrs
+
+
+class WeightsCache:
+    """Values computed from the current weights (held-out predictions that evaluate, image_grids and
+    write_outputs all ask for at the same step), kept until the weights change: an optimiser step or a
+    checkpoint load calls `changed()`."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._kept: dict[str, Any] = {}
+
+    def changed(self) -> None:
+        self.version += 1
+        self._kept.clear()
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        if name not in self._kept:
+            self._kept[name] = compute()
+        return self._kept[name]
+
+
+@contextlib.contextmanager
+def evaluating(*modules: torch.nn.Module) -> Iterator[None]:
+    """The modules in eval mode inside the block, each back in the mode it had before afterwards (a module
+    evaluated mid-training goes back to training, one already in eval mode stays there)."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
 
 
 def wrap_ddp(module: torch.nn.Module, dist, device: torch.device) -> torch.nn.Module:

@@ -128,6 +128,7 @@ def run_task(
     config = task.config
     torch.set_num_threads(cpu_threads(experiment.launch, len(experiment.plan["tasks"])))
     device = select_device(config["device"], dist.local_rank if dist.active else None)
+    dist = dist.on(device)  # collectives on the training device (NCCL has no CPU tensors)
     # Seed before building the model so initial weights are a function of the task seed alone.
     seed_everything(task.seed)
     kind = get_kind(config["kind"])(config, device, experiment.spec_dir, dist)

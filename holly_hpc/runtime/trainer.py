@@ -62,6 +62,9 @@ class RegistryReporter:
         self._flushed_at = time.time()
 
 
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop request (see Trainer._stop_agreed)
+
+
 @dataclass
 class TrainResult:
     completed: bool  # False when stopped early by stop_after_step
@@ -144,6 +147,18 @@ class Trainer:
             return
         print(f"[{self.label}] {message}", file=self.out, flush=True)
 
+    def _stop_agreed(self, boundary: bool) -> bool:
+        """Whether to stop after this step. One rank reads its own flag every step (free). Several ranks must
+        agree, which is an all-reduce, a device sync: they do so only every STOP_CHECK_EVERY steps and at
+        checkpoint boundaries. A signal is then acted on up to STOP_CHECK_EVERY - 1 steps later, well inside
+        SLURM's warning (SIGNAL_DELAY_S), and the checkpoint is still written at the step where all stop, so a
+        resumed run continues exactly."""
+        if not self.dist.active:
+            return self.stop.requested
+        if boundary or self.step % STOP_CHECK_EVERY == 0:
+            return self.dist.any(self.stop.requested)
+        return False
+
     def run(self, stop_after_step: int | None = None) -> TrainResult:
         """Train to train.steps (or stop, with a checkpoint, after `stop_after_step`, to simulate preemption)."""
         self.resume()
@@ -175,8 +190,8 @@ class Trainer:
                         f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}"
                     )
                 stopping = stop_after_step is not None and stop_after_step <= self.step < self.steps
-                preempted = self.dist.any(self.stop.requested) and self.step < self.steps
                 boundary = self.step % self.checkpoint_every == 0 or self.step == self.steps
+                preempted = self.step < self.steps and self._stop_agreed(boundary or stopping)
                 if (boundary or stopping or preempted) and self.save() is not None:
                     self.kind.on_checkpoint(self.step, store)
                 if preempted:
