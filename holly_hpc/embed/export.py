@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..runtime.kinds import evaluating
 from .data import EmbedDataset
 
 
@@ -24,9 +25,7 @@ from .data import EmbedDataset
 def embed_items(model, dataset: EmbedDataset, indices: np.ndarray, batch_size: int, device: torch.device):
     """Yield (row offset, kept mask, wanted indices, embeddings (b, D), features (b, F)) over `indices` in
     batches, the model in eval mode (VAE: the posterior mean; VQ-VAE: the quantised grid)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(indices), batch_size):
             wanted = indices[start : start + batch_size]
             items, kept = dataset.load(wanted)
@@ -38,8 +37,6 @@ def embed_items(model, dataset: EmbedDataset, indices: np.ndarray, batch_size: i
                 out["embedding"].float().cpu().numpy(),
                 out["features"].float().cpu().numpy(),
             )
-    finally:
-        model.train(was_training)
 
 
 def write_embeddings(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.distributed import DistInfo
-from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
+from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_rgb
 from .data import (
     SPLITS,
@@ -188,8 +188,7 @@ class EmbedTask(TaskKind):
         held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
         self.eval_inputs, self.eval_indices = self.dataset.load(held_out[: data["eval_size"]])
         self.eval_inputs = self.eval_inputs.to(device)
-        self._weights_version = 0
-        self._eval_cache: tuple[int, dict] | None = None
+        self.weights = WeightsCache()  # the held-out outputs, until the weights change
         self._projector: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ training
@@ -207,29 +206,23 @@ class EmbedTask(TaskKind):
         self.model.train()
         out = self.trained(x)
         loss = self.model.loss(x, out)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self._weights_version += 1
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        (lr,) = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
         # Tensors, not floats: the Trainer converts them only when it logs (no device sync every step).
         metrics: dict[str, Any] = {"loss": loss.detach(), "lr": lr}
         metrics.update({f"train_{k}": v.detach() for k, v in out["loss_terms"].items()})
         metrics.update({f"train_{k}": v for k, v in out["stats"].items()})
         return metrics
 
-    @torch.no_grad()
     def _held_out(self) -> dict:
         """The model's outputs and loss on the held-out images, once per weights version."""
-        if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
-            was_training = self.model.training
-            self.model.eval()
+        return self.weights.get("held_out", self._compute_held_out)
+
+    @torch.no_grad()
+    def _compute_held_out(self) -> dict:
+        with evaluating(self.model):
             out = self.model(self.eval_inputs)
             out["loss"] = self.model.loss(self.eval_inputs, out)
-            self._eval_cache = (self._weights_version, out)
-            self.model.train(was_training)
-        return self._eval_cache[1]
+        return out
 
     def evaluate(self) -> dict[str, float]:
         out = self._held_out()
@@ -255,11 +248,8 @@ class EmbedTask(TaskKind):
             from .shape import classical_mds
 
             rows.append(torch.stack([contour_picture(classical_mds(m[0].numpy()), size) for m in inputs]))
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
+            with evaluating(self.model), torch.no_grad():
                 decoded = self.model.decode_contours(out["embedding"][:N_SHOWN]).cpu().numpy()
-            self.model.train(was_training)
             rows.append(torch.stack([contour_picture(c, size) for c in decoded]))
             return {"eval/matrices_and_contours": image_rows(rows)}
         rows = []
@@ -288,7 +278,7 @@ class EmbedTask(TaskKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self._weights_version += 1
+        self.weights.changed()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         quantiser = quantiser_of(self.model)

@@ -24,7 +24,7 @@ from ..embed.data import (
     step_generator,
 )
 from ..runtime.distributed import DistInfo
-from ..runtime.kinds import TaskKind, make_lr_scheduler
+from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step
 from .metrics import cluster_accuracy, mean_pairwise_distance
 from .models import (
     VALID_SIZES,
@@ -93,8 +93,7 @@ class GenerateTask(TaskKind):
         self._real_diversity = mean_pairwise_distance(self.real_eval)
         self._warned_collapse = False
         self._steps_done = 0
-        self._weights_version = 0  # bumped by every update and load: keys the fixed samples' cache
-        self._samples_cache: tuple[int, torch.Tensor] | None = None
+        self.weights = WeightsCache()  # the fixed latents' samples, until the weights change
 
     # ------------------------------------------------------------------ training
     def _codes(self, batch: int, stream: int, step: int) -> dict[str, torch.Tensor]:
@@ -135,24 +134,17 @@ class GenerateTask(TaskKind):
         fake_logits, q = self.discriminator(jitter(fake))
         ce_d = code_cross_entropies(q, codes, self.codes)
         loss_d = discriminator_loss(real_logits, fake_logits, loss_kind) + info_loss(ce_d, lam_cat, lam_cont)
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.dist.average_gradients(self.discriminator)
-        self.opt_d.step()
+        # DDP's hooks do not allow D's several forwards before one backward: the gradients are averaged here.
+        optimiser_step(loss_d, self.opt_d, self.sched_d, lambda: self.dist.average_gradients(self.discriminator))
 
         # Generator: fool D, and make the codes readable.
         fake_logits, q = self.discriminator(jitter(self.generator(latent)))
         ce_g = code_cross_entropies(q, codes, self.codes)
         adversarial = generator_loss(fake_logits, loss_kind)
         loss_g = adversarial + info_loss(ce_g, lam_cat, lam_cont)
-        self.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        self.dist.average_gradients(self.generator)
-        self.opt_g.step()
-        self._weights_version += 1
-        lr = self.opt_g.param_groups[0]["lr"]
-        self.sched_g.step()
-        self.sched_d.step()
+        (lr,) = optimiser_step(
+            loss_g, self.opt_g, self.sched_g, lambda: self.dist.average_gradients(self.generator), self.weights
+        )
         metrics: dict[str, Any] = {
             "loss": (loss_d + loss_g).detach(),
             "loss_d": loss_d.detach(),
@@ -165,26 +157,19 @@ class GenerateTask(TaskKind):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _generate(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
-        was = self.generator.training
-        self.generator.eval()
-        images = self.generator(self.codes.latent(codes))
-        self.generator.train(was)
-        return images
+        with evaluating(self.generator):
+            return self.generator(self.codes.latent(codes))
 
     @torch.no_grad()
     def _q(self, images: torch.Tensor) -> dict:
-        was = self.discriminator.training
-        self.discriminator.eval()
-        _, q = self.discriminator(images)
-        self.discriminator.train(was)
+        with evaluating(self.discriminator):
+            _, q = self.discriminator(images)
         return q
 
     def _fixed_samples(self) -> torch.Tensor:
         """The generator's images of the fixed latents, once per weights version (evaluate, the grids and
         the final outputs all show them)."""
-        if self._samples_cache is None or self._samples_cache[0] != self._weights_version:
-            self._samples_cache = (self._weights_version, self._generate(self.fixed))
-        return self._samples_cache[1]
+        return self.weights.get("samples", lambda: self._generate(self.fixed))
 
     def evaluate(self) -> dict[str, float]:
         samples = self._fixed_samples()
@@ -251,7 +236,7 @@ class GenerateTask(TaskKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
-        self._weights_version += 1
+        self.weights.changed()
         self.discriminator.load_state_dict(state["discriminator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])

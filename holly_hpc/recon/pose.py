@@ -16,7 +16,7 @@ import torch
 from ..io import missing
 from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
 from ..runtime.distributed import DistInfo
-from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
+from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .geometry import rotation_error_deg
 from .losses import best_of_hypotheses
@@ -64,9 +64,7 @@ class PoseTask(TaskKind):
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self.eval_set = self._batch(EVAL_STREAM, data["eval_size"])
-        # Held-out predictions, reused by evaluate/image_grids/write_outputs until the weights change.
-        self._weights_version = 0
-        self._eval_cache: tuple[int, tuple] | None = None
+        self.weights = WeightsCache()  # held-out predictions, until the weights change
 
     def _batch(self, position: int, size: int) -> dict[str, torch.Tensor]:
         data = self.config["data"]
@@ -88,30 +86,25 @@ class PoseTask(TaskKind):
 
         return best_of_hypotheses(pred.candidates, render, images, self.config["train"]["loss"], False)
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor | float]:
         batch = self.dist.shard(self._batch(step, self.config["train"]["batch_size"]))
         self.net.train()
         pred = self.trained(batch["images"])
         loss, _, _ = self._best(pred, batch["images"])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self._weights_version += 1
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        return {"loss": loss.item(), "lr": lr}
+        (lr,) = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
+        # A tensor, not a float: the Trainer converts it only when it logs (no device sync every step).
+        return {"loss": loss.detach(), "lr": lr}
 
-    @torch.no_grad()
     def _predict_eval(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(best rotations, translations, their renders, loss) on the held-out set, once per weights."""
-        if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
-            was_training = self.net.training
-            self.net.eval()
+        return self.weights.get("eval", self._compute_eval)
+
+    @torch.no_grad()
+    def _compute_eval(self):
+        with evaluating(self.net):
             pred = self.net(self.eval_set["images"])
             loss, best, rendered = self._best(pred, self.eval_set["images"])  # the hypothesis that fits best
-            self._eval_cache = (self._weights_version, (best, pred.translations, rendered, loss))
-            self.net.train(was_training)
-        return self._eval_cache[1]
+        return best, pred.translations, rendered, loss
 
     def evaluate(self) -> dict[str, float]:
         rotations, _, _, loss = self._predict_eval()
@@ -135,7 +128,7 @@ class PoseTask(TaskKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
-        self._weights_version += 1
+        self.weights.changed()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..io import missing
 from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
 from ..runtime.distributed import DistInfo
-from ..runtime.kinds import TaskKind, make_lr_scheduler, wrap_ddp
+from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .curriculum import sigma_at
 from .losses import best_of_hypotheses
@@ -145,7 +145,7 @@ class ReconstructTask(TaskKind):
         )
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self.step_done = 0  # progress of the curriculum, restored with the checkpoint
-        self._weights_version, self._eval_cache = 0, None
+        self.weights = WeightsCache()  # the held-out predictions, until the weights change
 
     # ------------------------------------------------------------------ training
     def sigma(self) -> float:
@@ -155,36 +155,32 @@ class ReconstructTask(TaskKind):
             self.config["data"]["sigma_end"],
         )
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor | float]:
         sigma = self.sigma()
         batch = self.dist.shard(self.source.train_batch(step, self.config["train"]["batch_size"], sigma))
         self.model.train()
         pred, _, loss = self.trained(batch["images"], sigma)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.scheduler.step()
+        lr, lr_points = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
         self.step_done = step + 1
-        self._weights_version += 1
-        metrics = {"loss": loss.item(), "sigma": sigma, "lr": lrs[0], "lr_points": lrs[1]}
+        # Tensors, not floats: the Trainer converts them only when it logs (no device sync every step).
+        metrics = {"loss": loss.detach(), "sigma": sigma, "lr": lr, "lr_points": lr_points}
         if pred.sigma is not None:
-            metrics["sigma_predicted"] = pred.sigma.mean().item()
+            metrics["sigma_predicted"] = pred.sigma.detach().mean()
         return metrics
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def _eval(self):
         """(held-out batch, prediction, renders, loss), computed once per weights: evaluate, image_grids and
         write_outputs all ask for it at the same step."""
-        if self._eval_cache is None or self._eval_cache[0] != self._weights_version:
-            sigma = self.sigma()
-            batch = self.source.eval_batch(sigma)
-            self.model.eval()
+        return self.weights.get("eval", self._compute_eval)
+
+    @torch.no_grad()
+    def _compute_eval(self):
+        sigma = self.sigma()
+        batch = self.source.eval_batch(sigma)
+        with evaluating(self.model):
             pred, rendered, loss = self.model(batch["images"], sigma)  # the unwrapped module: no collective ops
-            self.model.train()
-            self._eval_cache = (self._weights_version, (batch, pred, rendered, loss))
-        return self._eval_cache[1]
+        return batch, pred, rendered, loss
 
     def evaluate(self) -> dict[str, float]:
         batch, pred, _, loss = self._eval()
@@ -233,7 +229,7 @@ class ReconstructTask(TaskKind):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_done = state["step_done"]
-        self._weights_version += 1
+        self.weights.changed()
 
     def on_checkpoint(self, step: int, store) -> None:
         """Keep the point cloud of every checkpoint in outputs.zarr (slot = checkpoint number)."""
