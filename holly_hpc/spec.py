@@ -19,30 +19,19 @@ from typing import Any
 import jsonschema
 
 from . import sweep as sweep_mod
-from .resources import schema_file
+from .kind_names import KINDS
+from .schema_walk import apply_defaults, known_keys, leaf_paths, load_schema, property_schema
 from .spec_values import value_problems
 from .spec_yaml import KeyPath, LoadedYaml, Problem, SpecError, format_path, load_yaml
 
 __all__ = ["KeyPath", "LoadedYaml", "Problem", "Spec", "SpecError", "format_path", "load_spec", "load_yaml"]
 
+KIND_NAMES = tuple(KINDS)  # the schema's kind enum lists the same names (tests check it)
 # Sections that describe the experiment, not one task: a sweep may not vary them.
-KIND_NAMES = (
-    "pose",
-    "reconstruct",
-    "embed",
-    "generate",
-)  # must match the schema's kind enum and runtime.kinds.KINDS (tests check both)
 EXPERIMENT_KEYS = ("experiment", "description", "output_root", "sweep", "launch", "registry", "resources", "container")
 
 
 # ------------------------------------------------------------------------------------------- schema
-@functools.lru_cache(maxsize=1)
-def load_schema() -> dict:
-    schema = json.loads(schema_file("jobspec.schema.json").read_text(encoding="utf-8"))
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return schema
-
-
 def whole_string_pattern(pattern: str) -> str:
     """A JSON Schema pattern for Python's re: the schema's `$` is ECMA-262's, which matches only at the very
     end, but Python's also matches before a trailing newline (`experiment: "name\\n"` would pass)."""
@@ -60,97 +49,6 @@ SpecValidator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"
 @functools.lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
     return SpecValidator(load_schema())
-
-
-def _resolve(schema: dict, root: dict) -> dict:
-    while "$ref" in schema:
-        ref = schema["$ref"]
-        if not ref.startswith("#/"):
-            raise ValueError(f"only local $refs are supported, got {ref}")
-        target = root
-        for part in ref[2:].split("/"):
-            target = target[part]
-        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
-    return schema
-
-
-def effective_properties(schema: dict, instance: Any, root: dict | None = None) -> dict[str, dict]:
-    """The property subschemas that apply to `instance`: properties + allOf parts + matching if/then."""
-    root = root or load_schema()
-    schema = _resolve(schema, root)
-    props: dict[str, dict] = {}
-    for name, sub in schema.get("properties", {}).items():
-        props[name] = sub
-    for conditional in schema.get("allOf", []):
-        part = _resolve(conditional, root)
-        if "if" in part:
-            branch = "then" if jsonschema.Draft202012Validator(part["if"]).is_valid(instance) else "else"
-            part = _resolve(part.get(branch, {}), root)
-        for name, sub in effective_properties(part, instance, root).items():
-            # A later, more specific subschema (a kind's data section) refines the generic one.
-            props[name] = {"allOf": [props[name], sub]} if name in props else sub
-    return props
-
-
-def _subschema_parts(schema: dict, root: dict) -> list[dict]:
-    schema = _resolve(schema, root)
-    parts = [schema]
-    for part in schema.get("allOf", []):
-        parts.extend(_subschema_parts(part, root))
-    return parts
-
-
-def property_schema(path: KeyPath, instance: dict) -> dict | None:
-    """The merged schema of the property at `path` in a spec like `instance`, or None if it does not exist."""
-    root = load_schema()
-    schema: dict = root
-    node: Any = instance
-    for part in path:
-        props = effective_properties(schema, node, root) if isinstance(node, dict) or node is None else {}
-        if part not in props:
-            return None
-        schema = props[part]
-        node = node.get(part) if isinstance(node, dict) else None
-    return schema
-
-
-def known_keys(path: KeyPath, instance: dict) -> list[str]:
-    """Keys allowed in the mapping at `path` (for 'did you mean' suggestions)."""
-    root = load_schema()
-    if not path:
-        return sorted(effective_properties(root, instance, root))
-    schema = property_schema(path, instance)
-    if schema is None:
-        return []
-    node = instance
-    for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
-    keys: set[str] = set()
-    for part in _subschema_parts(schema, root):
-        keys.update(effective_properties(part, node if isinstance(node, dict) else {}, root))
-    return sorted(keys)
-
-
-def apply_defaults(instance: Any, schema: dict | None = None, root: dict | None = None) -> Any:
-    """Fill schema defaults into a copy of `instance`, recursing into objects (defaults live only in the schema)."""
-    root = root or load_schema()
-    schema = root if schema is None else schema
-    if not isinstance(instance, dict):
-        return instance
-    out = copy.deepcopy(instance)
-    merged: dict[str, list[dict]] = {}
-    for part in _subschema_parts(schema, root):
-        for name, sub in effective_properties(part, out, root).items():
-            merged.setdefault(name, []).extend(_subschema_parts(sub, root))
-    for name, parts in merged.items():
-        if name not in out:
-            for part in parts:
-                if "default" in part:
-                    out[name] = copy.deepcopy(part["default"])
-                    break
-        if name in out and isinstance(out[name], dict):
-            out[name] = apply_defaults(out[name], {"allOf": parts}, root)
-    return out
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -424,25 +322,7 @@ def _sweep_problems(loaded: LoadedYaml, data: dict) -> list[Problem]:
 
 def sweepable_paths(data: dict) -> list[str]:
     """Every dotted leaf path a sweep may vary in a spec of this kind."""
-    out: list[str] = []
-    root = load_schema()
-
-    def walk(schema: dict, node: Any, prefix: tuple) -> None:
-        props: dict[str, dict] = {}
-        for part in _subschema_parts(schema, root):
-            for name, sub in effective_properties(part, node if isinstance(node, dict) else {}, root).items():
-                props.setdefault(name, {"allOf": []})["allOf"].append(sub)
-        if not props:
-            if prefix:
-                out.append(".".join(prefix))
-            return
-        for name, sub in props.items():
-            if not prefix and (name in EXPERIMENT_KEYS or name == "kind"):
-                continue
-            walk(sub, node.get(name) if isinstance(node, dict) else None, (*prefix, name))
-
-    walk(root, data, ())
-    return sorted(out)
+    return leaf_paths(data, skip=(*EXPERIMENT_KEYS, "kind"))
 
 
 def _task_problems(spec: Spec) -> list[Problem]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .spec import _resolve, load_schema
+from .schema_walk import load_schema, resolve
 
 
 def _type_of(schema: dict) -> str:
@@ -38,7 +38,7 @@ def _cell(text: str) -> str:
 def _rows(props: dict, root: dict, prefix: str, required: set) -> list[str]:
     rows = []
     for name, unresolved in props.items():
-        sub = _resolve(unresolved, root)
+        sub = resolve(unresolved, root)
         default = json.dumps(sub["default"]) if "default" in sub and not isinstance(sub["default"], dict) else ""
         if name in required:
             default = "**required**"
@@ -67,14 +67,14 @@ def reference_markdown() -> str:
     }
     out.append(_section("top level", top, root, "", root.get("required", [])))
     for name in ("sweep", "launch", "registry"):
-        out.append(_section(name, _resolve(root["$defs"][name], root)["properties"], root, f"{name}."))
+        out.append(_section(name, resolve(root["$defs"][name], root)["properties"], root, f"{name}."))
     for part in root.get("allOf", []):
         kind = part["if"]["properties"]["kind"]["const"]
         for section, ref in part["then"]["properties"].items():
-            schema = _resolve(ref, root)
+            schema = resolve(ref, root)
             props = dict(schema.get("properties", {}))
             for inner in schema.get("allOf", []):
-                props = {**_resolve(inner, root).get("properties", {}), **props}
+                props = {**resolve(inner, root).get("properties", {}), **props}
             out.append(_section(f"kind: {kind} — {section}", props, root, f"{section}."))
     return "".join(out)
 

@@ -1,6 +1,6 @@
 """Task kinds are plugins behind one small interface; the Trainer loop is shared by all of them.
 
-Adding a kind = a new module with a TaskKind subclass + one line in KINDS + its section in the schema.
+Adding a kind = a new module with a TaskKind subclass + one line in kind_names.KINDS + its section in the schema.
 """
 
 from __future__ import annotations
@@ -15,13 +15,7 @@ from typing import Any
 
 import torch
 
-# kind name -> "module:Class", imported only when a task of that kind runs.
-KINDS = {
-    "pose": "holly_hpc.recon.pose:PoseTask",
-    "reconstruct": "holly_hpc.recon.reconstruct:ReconstructTask",
-    "embed": "holly_hpc.embed.task:EmbedTask",
-    "generate": "holly_hpc.gan.task:GenerateTask",
-}
+from ..kind_names import KINDS  # kind name -> "module:Class", imported only when a task of that kind runs
 
 
 class TaskKind(ABC):
