@@ -95,14 +95,14 @@ def cmd_submit(args) -> int:
             print(f"task {index} not launched again: {why}")
     if sub.launched:
         print("jobs: " + ", ".join(f"task {t.task_index} -> {t.job_id}" for t in sub.launched))
-    if args.wait and cluster != "debug" and sub.launched:
+    if args.wait and not sub.launcher.synchronous and sub.launched:
         try:
             wait(sub)
         except KeyboardInterrupt:
             print(f"\nstopped watching; the tasks go on: holly-hpc status {exp.root}")
             return 130
     code = 0
-    if args.wait or cluster == "debug":
+    if args.wait or sub.launcher.synchronous:
         runs = sub.registry.runs(exp.name)
         _status_table(runs)
         states = [r.state for r in runs]
@@ -148,9 +148,10 @@ def _check_registry(registry) -> None:
         )
 
 
-def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
-    """One line per task; with `scheduler` (job id -> SLURM state) a job column, and a task the registry
-    still counts as pending/running but SLURM has ended shows SLURM's verdict."""
+def _status_table(runs, scheduler: dict[tuple[str, int], tuple[str, str | None]] | None = None) -> None:
+    """One line per task; with `scheduler` ((experiment, task) -> (the scheduler's state of its job, what that
+    means for the task)) a job column, and a task the registry still counts as pending/running but whose job
+    the scheduler has ended shows the scheduler's verdict."""
     now = time.time()
     headers = ["experiment", "task", "state", "attempts", "step", "loss", "elapsed"]
     rows = []
@@ -169,40 +170,33 @@ def _status_table(runs, scheduler: dict[str, str] | None = None) -> None:
             _duration(r.elapsed(now)),
         ]
         if scheduler is not None:
-            slurm_state = scheduler.get(r.job_id or "", "-")
-            if state in ("pending", "running") and slurm_state in _ENDED_ON_SLURM:
-                row[2] = _ENDED_ON_SLURM[slurm_state]
-            row += [r.job_id or "-", slurm_state]
+            job_state, verdict = scheduler.get((r.experiment, r.task_index), ("-", None))
+            if state in ("pending", "running") and verdict:
+                row[2] = verdict
+            row += [r.job_id or "-", job_state]
         rows.append(row)
-    _table(headers + (["job", "slurm"] if scheduler is not None else []), rows)
+    _table(headers + (["job", "scheduler"] if scheduler is not None else []), rows)
 
 
 STALE_AFTER_S = 600  # a running task that has not reported for this long is shown as lost
 
-# SLURM end states that mean a task the registry still calls pending/running will not report any more.
-_ENDED_ON_SLURM = {
-    "CANCELLED": "cancelled",
-    "FAILED": "failed",
-    "TIMEOUT": "failed",
-    "NODE_FAIL": "failed",
-    "OUT_OF_MEMORY": "failed",
-    "BOOT_FAIL": "failed",
-    "DEADLINE": "failed",
-}
 
+def _scheduler_states(registry, runs) -> dict[tuple[str, int], tuple[str, str | None]] | None:
+    """Each run's job as its experiment's own launcher sees it (None when no launcher has a scheduler to ask)."""
+    from .launch.executors import get_launcher
 
-def _slurm_states(runs, on_slurm: set[str]) -> dict[str, str] | None:
-    """SLURM states of the jobs of the runs whose experiment was submitted to SLURM."""
-    ids = [r.job_id for r in runs if r.job_id and r.experiment in on_slurm]
-    if not ids:
-        return None
-    from .launch.slurm import SlurmError, job_states
-
-    try:
-        return job_states(ids)
-    except (SlurmError, OSError) as exc:
-        print(f"warning: SLURM state unavailable ({exc})", file=sys.stderr)
-        return None
+    found: dict[tuple[str, int], tuple[str, str | None]] = {}
+    folders = {e.name: Path(e.experiment_dir) for e in registry.experiments()}
+    for name in sorted({r.experiment for r in runs}):
+        if name not in folders or not (folders[name] / PLAN).exists():
+            continue
+        launcher = get_launcher(Experiment.load(folders[name]).launch["cluster"])
+        with_job = [r for r in runs if r.experiment == name and r.job_id]
+        states = launcher.states([r.job_id for r in with_job]) if with_job else None
+        for r in with_job if states is not None else []:
+            state = states.get(r.job_id, "-")
+            found[(name, r.task_index)] = (state, launcher.ended_as(state))
+    return found or None
 
 
 def cmd_status(args) -> int:
@@ -226,12 +220,7 @@ def cmd_status(args) -> int:
                 f"note: task {index} of {experiment} was running but its process is gone: marked failed (lost)",
                 file=sys.stderr,
             )
-    on_slurm = {
-        e.name
-        for e in registry.experiments()
-        if (Path(e.experiment_dir) / PLAN).exists() and Experiment.load(e.experiment_dir).launch["cluster"] == "slurm"
-    }
-    _status_table(runs, _slurm_states(runs, on_slurm))
+    _status_table(runs, _scheduler_states(registry, runs))
     return 0
 
 
@@ -647,6 +636,14 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     _lookup_options(p)
 
 
+def _cluster_names() -> list[str]:
+    """launch.cluster's names, from the schema (which tests keep equal to launch.executors.LAUNCHERS)."""
+    from .resources import schema_file
+
+    schema = json.loads(schema_file("jobspec.schema.json").read_text(encoding="utf-8"))
+    return schema["$defs"]["launch"]["properties"]["cluster"]["enum"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM."
@@ -665,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="freeze the spec and launch its tasks as one job array")
     p.add_argument("spec", metavar="SPEC")
-    p.add_argument("--cluster", choices=["local", "debug", "slurm"], help="override launch.cluster")
+    p.add_argument("--cluster", choices=_cluster_names(), help="override launch.cluster")
     p.add_argument("--output-root", help="override the spec's output_root")
     p.add_argument("--wait", action="store_true", help="block until the tasks end, printing progress")
     p.set_defaults(func=cmd_submit)

@@ -223,10 +223,12 @@ def _in_file_order(problems: list[Problem]) -> list[Problem]:
 
 
 def _launch_problems(spec: Spec) -> list[Problem]:
-    """Resource combinations and registry settings the schema cannot rule out on its own."""
+    """Resource combinations and registry settings the schema cannot rule out on its own; what a cluster cannot
+    run, its launcher says."""
+    from .launch.executors import get_launcher
     from .registry.urls import has_password
 
-    r, cluster = spec.resolved["resources"], spec.resolved["launch"]["cluster"]
+    r = spec.resolved["resources"]
     problems = []
     if has_password(spec.resolved["registry"].get("url", "")):  # the message must not repeat the URL
         problems.append(
@@ -243,20 +245,8 @@ def _launch_problems(spec: Spec) -> list[Problem]:
                 f"expected one process per GPU: tasks_per_node = gpus_per_node ({r['gpus_per_node']}), got {r['tasks_per_node']}",
             )
         )
-    if cluster != "slurm" and r["nodes"] > 1:
-        problems.append(
-            spec.loaded.problem(
-                ("resources", "nodes"),
-                f"expected 1 node with launch.cluster {cluster} (several nodes need slurm), got {r['nodes']}",
-            )
-        )
-    if cluster == "debug" and r["tasks_per_node"] > 1:
-        problems.append(
-            spec.loaded.problem(
-                ("resources", "tasks_per_node"),
-                f"expected 1 with launch.cluster debug (it runs in the submitting process), got {r['tasks_per_node']}",
-            )
-        )
+    launcher = get_launcher(spec.resolved["launch"]["cluster"])
+    problems += [spec.loaded.problem(path, message) for path, message in launcher.problems(r)]
     return problems
 
 

@@ -1,7 +1,12 @@
-"""Launchers: turn a frozen experiment's tasks into one submitit job array.
+"""Launchers: turn a frozen experiment's tasks into one submitit job array, and own everything else that
+differs between clusters.
 
-Each cluster type is one Launcher subclass registered in LAUNCHERS (as submitit registers its Slurm,
-Local and Debug executors), so a new cluster is a new class, not an edit of the others.
+Each cluster type is one Launcher subclass registered in LAUNCHERS (as submitit registers its Slurm, Local and
+Debug executors, each with its Job and JobEnvironment): which resources it can run (`problems`, asked by
+validate), the check before anything is frozen, submission, its scheduler's view of the jobs (`states`, for
+`status`), which tasks are still alive and how to stop them (`cancel`), and where its tasks run
+(`shares_machine`, `synchronous`). The CLI, spec and runtime ask the experiment's launcher and never test a
+cluster's name, so a new cluster is one class here plus its name in the schema's launch.cluster enum.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ import time
 import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import submitit
 
 from ..experiment import Experiment
+from ..runtime.preemption import LOCAL_REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE
 from ..runtime.processes import stop_process, this_host
-from ..runtime.task import TaskRunner
 from .liveness import attempt_alive, is_submitit_controller, open_attempt
+
+if TYPE_CHECKING:
+    from ..runtime.task import TaskRunner
 
 
 @dataclass
@@ -43,9 +51,39 @@ class Stopped:
 
 class Launcher(ABC):
     """One cluster type: submits (launch), checks before anything is frozen (check), and owns what only it can
-    know about its jobs: which are still alive (active) and how to stop them (cancel)."""
+    know about its jobs: what its scheduler says of them (states), which are still alive (active) and how to
+    stop them (cancel)."""
 
     name: str
+    # Its tasks run side by side on the submitting machine: slot locks bound how many train at once
+    # (launch.array_parallelism) and they share its cores (runtime/task.py).
+    shares_machine = False
+    # launch() returns only once every task has run (in the submitting process): nothing to wait for.
+    synchronous = False
+    max_nodes: int | None = 1  # None: any number
+    # The exit code on which this cluster starts a task again after it checkpointed (SIGUSR2); None: the task
+    # runs in the submitting process and must not exit.
+    requeue_code: int | None = None
+
+    def runner(self, experiment: Experiment, index: int) -> TaskRunner:
+        """What a job of this cluster runs: data only (the experiment's folder, the index, how to behave)."""
+        from ..runtime.task import TaskRunner  # torch comes with it: not for `status`, `cancel` or validate
+
+        return TaskRunner(experiment.root, index, self.shares_machine, self.requeue_code)
+
+    @classmethod
+    def problems(cls, resources: dict) -> list[tuple[tuple, str]]:
+        """Resource requests this cluster cannot run, as [(key path, message)]: validate reports them at
+        their place in the spec, before anything is submitted."""
+        if cls.max_nodes is not None and resources["nodes"] > cls.max_nodes:
+            return [
+                (
+                    ("resources", "nodes"),
+                    f"expected {cls.max_nodes} node with launch.cluster {cls.name} (several nodes need slurm), "
+                    f"got {resources['nodes']}",
+                )
+            ]
+        return []
 
     def check(self, experiment: Experiment) -> None:
         """Raise (with a message naming what is wrong) if launching would fail; writes nothing."""
@@ -54,6 +92,16 @@ class Launcher(ABC):
     @abstractmethod
     def launch(self, experiment: Experiment, indices: list[int]) -> list[LaunchedTask]:
         """Submit the tasks `indices` as one array and return without waiting for them."""
+
+    def states(self, job_ids: list[str]) -> dict[str, str] | None:
+        """The scheduler's state of each job id, or None where there is no scheduler to ask (or it cannot be
+        asked now: then a note on stderr says why). Local processes have none: the registry tells."""
+        return None
+
+    def ended_as(self, scheduler_state: str) -> str | None:
+        """The registry state a task the registry still counts as pending/running has in truth, when its job
+        is in `scheduler_state` (e.g. cancelled by the scheduler); None while the job may still report."""
+        return None
 
     def active(self, experiment: Experiment, registry, runs) -> dict[int, str]:
         """Tasks whose job is still queued or running (index -> what), so a resubmission leaves them be.
@@ -113,6 +161,8 @@ class LocalLauncher(Launcher):
     submitting command; runtime/task.py's slot locks keep at most array_parallelism training at once."""
 
     name = "local"
+    shares_machine = True
+    requeue_code = LOCAL_REQUEUE_EXIT_CODE  # submitit's local controller reruns the task on it
 
     def launch(self, experiment, indices):
         launch = experiment.launch
@@ -124,7 +174,7 @@ class LocalLauncher(Launcher):
             timeout_min=experiment.resources["time"] * waves + 1, tasks_per_node=experiment.resources["tasks_per_node"]
         )
         with _controllers_in_own_session():
-            jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
+            jobs = executor.submit_array([self.runner(experiment, i) for i in indices])
         return [LaunchedTask(i, str(job.job_id), job) for i, job in zip(indices, jobs, strict=True)]
 
 
@@ -154,10 +204,24 @@ class DebugLauncher(Launcher):
     spec with breakpoints and full tracebacks. Blocks until all tasks have run."""
 
     name = "debug"
+    synchronous = True
+
+    @classmethod
+    def problems(cls, resources):
+        found = super().problems(resources)
+        if resources["tasks_per_node"] > 1:
+            found.append(
+                (
+                    ("resources", "tasks_per_node"),
+                    "expected 1 with launch.cluster debug (it runs in the submitting process), got "
+                    f"{resources['tasks_per_node']}",
+                )
+            )
+        return found
 
     def launch(self, experiment, indices):
         executor = submitit.DebugExecutor(folder=experiment.submitit_dir)
-        jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in indices])
+        jobs = executor.submit_array([self.runner(experiment, i) for i in indices])
         launched = []
         for i, job in zip(indices, jobs, strict=True):
             # Run the submission directly rather than job.result(): submitit's debug jobs open pdb on a
@@ -205,6 +269,18 @@ class SlurmLauncher(Launcher):
         "STAGE_OUT",
         "STOPPED",
     )
+    # SLURM end states that mean a task the registry still calls pending/running will not report any more.
+    ENDED: ClassVar[dict[str, str]] = {
+        "CANCELLED": "cancelled",
+        "FAILED": "failed",
+        "TIMEOUT": "failed",
+        "NODE_FAIL": "failed",
+        "OUT_OF_MEMORY": "failed",
+        "BOOT_FAIL": "failed",
+        "DEADLINE": "failed",
+    }
+    max_nodes = None
+    requeue_code = REQUEUE_EXIT_CODE  # the job script's teardown runs `scontrol requeue` on it (slurm.py)
 
     def _executor(self, experiment) -> submitit.SlurmExecutor:
         from .slurm import refuse_unsafe, sbatch_parameters
@@ -241,23 +317,32 @@ class SlurmLauncher(Launcher):
         executor = self._executor(experiment)
         launched = []
         for part in chunks(indices, max_array_size()):
-            jobs = executor.submit_array([TaskRunner(experiment.root, i) for i in part])
+            jobs = executor.submit_array([self.runner(experiment, i) for i in part])
             launched += [LaunchedTask(i, str(job.job_id), job) for i, job in zip(part, jobs, strict=True)]
         return launched
 
     def _states(self, runs) -> dict[str, str]:
+        """Raises SlurmError when SLURM cannot be asked (cancel must not guess)."""
         from .slurm import job_states
 
         return job_states([r.job_id for r in runs if r.job_id])
 
-    def active(self, experiment, registry, runs):
-        from .slurm import SlurmError
+    def states(self, job_ids):
+        from .slurm import SlurmError, job_states
 
-        unfinished = [r for r in runs if r.state in ("pending", "running") and r.job_id]
         try:
-            states = self._states(unfinished) if unfinished else {}
-        except (SlurmError, OSError) as exc:  # e.g. `holly-hpc sbatch` away from the cluster: task locks decide
-            print(f"note: cannot ask SLURM which tasks still run ({exc})", file=sys.stderr)
+            return job_states(job_ids)
+        except (SlurmError, OSError) as exc:  # e.g. `holly-hpc status` away from the cluster
+            print(f"note: cannot ask SLURM for the jobs' states ({exc})", file=sys.stderr)
+            return None
+
+    def ended_as(self, scheduler_state):
+        return self.ENDED.get(scheduler_state)
+
+    def active(self, experiment, registry, runs):
+        unfinished = [r for r in runs if r.state in ("pending", "running") and r.job_id]
+        states = self.states([r.job_id for r in unfinished]) if unfinished else {}
+        if states is None:  # e.g. `holly-hpc sbatch` away from the cluster: the task locks decide
             return {}
         return {
             r.task_index: f"{states[r.job_id].lower()} (job {r.job_id})"

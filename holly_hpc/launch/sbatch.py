@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..runtime.preemption import REQUEUE_EXIT_CODE
-from .slurm import SIGNAL_DELAY_S, chunks, refuse_unsafe
+from .slurm import SIGNAL_DELAY_S, chunks, extra_options, refuse_unsafe, resource_options, sbatch_flag
 
 
 def template_path() -> Path:
@@ -29,34 +29,19 @@ def directives(experiment, first: int, count: int) -> list[str]:
     """#SBATCH lines from the frozen experiment's resources and launch settings."""
     r, launch = experiment.resources, experiment.launch
     logs = experiment.folder("slurm-logs")
-    lines = {
-        "job-name": f"holly-{experiment.name}",
+    # What submitit adds by itself for `holly-hpc submit`, written out here, then the same resource options.
+    options = {
+        "job_name": f"holly-{experiment.name}",
         "array": f"0-{count - 1}%{min(count, launch['array_parallelism'])}",
-        "time": str(max(1, round(r["time"]))),
-        "nodes": str(r["nodes"]),
-        "ntasks-per-node": str(r["tasks_per_node"]),
+        **resource_options(r),
         "output": str(logs / "%A_%a.out"),
         "error": str(logs / "%A_%a.err"),
-        "open-mode": "append",
+        "open_mode": "append",
         "signal": f"USR2@{SIGNAL_DELAY_S}",
-        "requeue": None,
+        **extra_options(r),
     }
-    if r.get("gpus_per_node"):
-        lines["gpus-per-node"] = str(r["gpus_per_node"])
-    for key, flag in (
-        ("partition", "partition"),
-        ("account", "account"),
-        ("qos", "qos"),
-        ("cpus_per_task", "cpus-per-task"),
-        ("mem", "mem"),
-        ("constraint", "constraint"),
-    ):
-        if r.get(key) is not None:
-            lines[flag] = str(r[key])
-    for key, value in (r.get("extra") or {}).items():
-        lines[key] = None if value is True else str(value)
-    refuse_unsafe({k: "" if v is None else v for k, v in lines.items()})
-    return [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(v)}" for k, v in lines.items()]
+    refuse_unsafe(options)
+    return [sbatch_flag(option, value) for option, value in options.items()]
 
 
 def render_scripts(experiment, indices: list[int], output: Path, max_array: int) -> list[tuple[Path, str]]:

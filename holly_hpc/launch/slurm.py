@@ -124,26 +124,47 @@ def cancel(job_ids: list[str]) -> None:
         _run(["scancel", *job_ids])
 
 
-def sbatch_parameters(resources: dict, array_parallelism: int) -> dict:
-    """The spec's resources as submitit SlurmExecutor parameters (names follow sbatch's long options)."""
-    params = {
+OPTIONAL_OPTIONS = ("partition", "account", "qos", "cpus_per_task", "mem", "constraint")  # resources.<key> as is
+
+
+def resource_options(resources: dict) -> dict:
+    """The spec's resources as sbatch long options, named as submitit names them (underscores for dashes):
+    the one map that both submissions through submitit and the exported scripts' #SBATCH lines are made of."""
+    options = {
         "time": max(1, round(resources["time"])),
         "nodes": resources["nodes"],
         "ntasks_per_node": resources["tasks_per_node"],
+    }
+    if resources.get("gpus_per_node"):
+        options["gpus_per_node"] = resources["gpus_per_node"]
+    options.update({key: resources[key] for key in OPTIONAL_OPTIONS if resources.get(key) is not None})
+    return options
+
+
+def extra_options(resources: dict) -> dict:
+    """resources.extra, passed to sbatch as given (True: a flag without a value), with --requeue by default."""
+    extra = dict(resources.get("extra") or {})
+    extra.setdefault("requeue", True)
+    return extra
+
+
+def sbatch_flag(option: str, value) -> str:
+    """One #SBATCH line, written as submitit writes its own: underscores become dashes, True is a bare flag."""
+    option = option.replace("_", "-")
+    return f"#SBATCH --{option}" if value is True else f"#SBATCH --{option}={shlex.quote(str(value))}"
+
+
+def sbatch_parameters(resources: dict, array_parallelism: int) -> dict:
+    """The spec's resources as submitit SlurmExecutor parameters."""
+    params = {
+        **resource_options(resources),
         "array_parallelism": array_parallelism,
         "signal_delay_s": SIGNAL_DELAY_S,
         # The task exits with REQUEUE_EXIT_CODE after checkpointing on SIGUSR2; this runs on the host (outside
         # any container), where scontrol exists.
         "teardown": requeue_teardown(),
+        "additional_parameters": extra_options(resources),
     }
-    if resources.get("gpus_per_node"):
-        params["gpus_per_node"] = resources["gpus_per_node"]
-    for key in ("partition", "account", "qos", "cpus_per_task", "mem", "constraint"):
-        if resources.get(key) is not None:
-            params[key] = resources[key]
-    extra = dict(resources.get("extra") or {})
-    extra.setdefault("requeue", True)
-    params["additional_parameters"] = extra
     refuse_unsafe(params)
     return params
 

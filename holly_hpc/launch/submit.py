@@ -18,7 +18,7 @@ from ..registry import (
     resolve_url,
     storable_url,
 )
-from ..spec import load_spec
+from ..spec import SpecError, load_spec
 from ..spec_values import refuse_control
 from ..sweep import expand
 from .executors import LaunchedTask, Launcher, get_launcher
@@ -66,6 +66,12 @@ def prepare(
     """
     spec = load_spec(spec_path)
     if cluster:
+        # validate checked the spec's own cluster; the one given instead must be able to run it too
+        refused = get_launcher(cluster).problems(spec.resolved["resources"])
+        if refused:
+            raise SpecError(
+                [spec.loaded.problem(path, f"{message} (--cluster {cluster})") for path, message in refused]
+            )
         spec.resolved["launch"]["cluster"] = cluster
     tasks = expand(spec)
     root = output_root_for(spec, output_root)

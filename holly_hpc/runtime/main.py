@@ -6,7 +6,6 @@ submitted job, so `sbatch job.sbatch` trains exactly the tasks `holly-hpc submit
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -15,10 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or not args[1].isdigit():
         print("usage: python -m holly_hpc.runtime.main EXPERIMENT_DIR TASK_INDEX", file=sys.stderr)
         return 2
-    os.environ.setdefault("HOLLY_SBATCH", "1")  # preemption exits with the requeue code, as under submitit
+    from .preemption import REQUEUE_EXIT_CODE
     from .task import TaskRunner
 
-    TaskRunner(args[0], int(args[1]))()
+    # Under sbatch: one task per process, requeued by the script's wrapper on REQUEUE_EXIT_CODE (as submitted).
+    TaskRunner(args[0], int(args[1]), shares_machine=False, requeue_code=REQUEUE_EXIT_CODE)()
     return 0
 
 

@@ -65,27 +65,20 @@ class StopRequest:
         print(f"caught {name}: checkpointing at the end of this step, then {then}", flush=True)
 
 
-def _executor() -> str | None:
-    executor = os.environ.get("SUBMITIT_EXECUTOR")
-    if executor in ("local", "slurm"):
-        return executor
-    return "slurm" if os.environ.get("HOLLY_SBATCH") else None
-
-
-def exit_for_requeue() -> bool:
-    """Leave the process so that whatever launched it starts it again. Returns False (and does not exit)
-    when the task runs inside the submitting process (debug executor, tests): there is nothing to restart."""
-    executor = _executor()
-    if executor is None:
+def exit_for_requeue(requeue_code: int | None) -> bool:
+    """Leave the process with `requeue_code`, the code on which whatever launched it starts it again (each
+    launcher has its own: Launcher.requeue_code). None: the task runs inside the submitting process (debug
+    launcher, tests), there is nothing to restart; returns False and does not exit."""
+    if requeue_code is None:
         return False
-    _leave(LOCAL_REQUEUE_EXIT_CODE if executor == "local" else REQUEUE_EXIT_CODE)
+    _leave(requeue_code)
     return True  # not reached
 
 
-def exit_stopped(signal_name: str) -> bool:
+def exit_stopped(signal_name: str, requeue_code: int | None) -> bool:
     """Leave the process after a stop (SIGTERM/SIGINT), with the shell's code for that signal and no
-    traceback; False (no exit) inside the submitting process."""
-    if _executor() is None:
+    traceback; False (no exit) inside the submitting process (requeue_code None, as above)."""
+    if requeue_code is None:
         return False
     _leave(128 + signal.Signals[signal_name].value if signal_name in signal.Signals.__members__ else 1)
     return True  # not reached

@@ -37,15 +37,16 @@ def select_device(name: str, local_rank: int | None = None):
     return device
 
 
-def cpu_threads(launch: dict, n_tasks: int) -> int:
-    """launch.threads; else on SLURM the CPUs the job was given; else (local) the cores this process may
-    use, shared among the tasks that run at once (oversubscribed OpenMP threads slow torch down badly)."""
+def cpu_threads(launch: dict, n_tasks: int, shares_machine: bool = True) -> int:
+    """launch.threads; else on SLURM the CPUs the job was given; else the cores this process may use, shared
+    among the tasks that run at once when they share the machine (oversubscribed OpenMP threads slow torch down
+    badly)."""
     if launch.get("threads"):
         return int(launch["threads"])
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         return int(os.environ["SLURM_CPUS_PER_TASK"])
     available = len(os.sched_getaffinity(0))
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+    if not shares_machine:
         return available
     at_once = max(1, min(int(launch.get("array_parallelism", 1)), n_tasks))
     return max(1, available // at_once)
@@ -114,8 +115,10 @@ def run_task(
     out=None,
     stop: StopRequest | None = None,
     dist: DistInfo | None = None,
+    shares_machine: bool = True,
 ):
-    """Build the task's kind from its frozen config and train it (resuming from its last checkpoint)."""
+    """Build the task's kind from its frozen config and train it (resuming from its last checkpoint).
+    shares_machine: other tasks run beside it on this machine (see cpu_threads)."""
     import torch
 
     from .checkpoint import seed_everything
@@ -126,7 +129,7 @@ def run_task(
     dist = dist or DistInfo()
     task = experiment.task(index)
     config = task.config
-    torch.set_num_threads(cpu_threads(experiment.launch, len(experiment.plan["tasks"])))
+    torch.set_num_threads(cpu_threads(experiment.launch, len(experiment.plan["tasks"]), shares_machine))
     device = select_device(config["device"], dist.local_rank if dist.active else None)
     dist = dist.on(device)  # collectives on the training device (NCCL has no CPU tensors)
     # Seed before building the model so initial weights are a function of the task seed alone.
@@ -166,9 +169,16 @@ def write_rank_digest(task_dir: Path, dist: DistInfo, kind) -> None:
 class TaskRunner(submitit.helpers.Checkpointable):
     """Runs task `task_index` of the experiment frozen in `experiment_dir`; requeued on preemption."""
 
-    def __init__(self, experiment_dir: str | Path, task_index: int):
+    def __init__(
+        self, experiment_dir: str | Path, task_index: int, shares_machine: bool = False, requeue_code: int | None = None
+    ):
+        """What the launcher knows of where its tasks run (see Launcher): shares_machine, tasks side by side on
+        one machine (slot locks bound how many train at once, and they split the cores); requeue_code, the exit
+        code on which it starts the task again (None: the task runs in the submitting process and never exits)."""
         self.experiment_dir = str(experiment_dir)
         self.task_index = int(task_index)
+        self.shares_machine = bool(shares_machine)
+        self.requeue_code = requeue_code
         self._attempt: int | None = None
         self._requeued = False
 
@@ -190,7 +200,7 @@ class TaskRunner(submitit.helpers.Checkpointable):
         try:
             if not dist.is_main:  # other ranks train alongside rank 0, which owns the task's bookkeeping
                 return self._train(experiment, None, stop, dist)
-            local = os.environ.get("SUBMITIT_EXECUTOR") == "local" and not dist.active
+            slots = self.shares_machine and not dist.active
             task_dir = experiment.task_dir(self.task_index)
             registry = SpooledRegistry(
                 registry,
@@ -205,22 +215,24 @@ class TaskRunner(submitit.helpers.Checkpointable):
                     print(f"task {self.task_index} is already queued or running in another process; nothing to do")
                     return {"skipped": "already running"}
                 try:
-                    with local_slot(experiment, stop=stop) if local else contextlib.nullcontext():
+                    with local_slot(experiment, stop=stop) if slots else contextlib.nullcontext():
                         return self._run(experiment, registry, stop, dist)
                 except Preempted as exc:
                     if exc.step != 0 or self._attempt is not None:
                         raise
                     print(f"task {self.task_index} left the queue on {exc.signal_name} before it started", flush=True)
-                    exit_stopped(exc.signal_name)
+                    exit_stopped(exc.signal_name, self.requeue_code)
                     raise
         finally:
             teardown_distributed()
 
     def _train(self, experiment, registry, stop, dist) -> dict:
         try:
-            result = run_task(experiment, self.task_index, registry, stop=stop, dist=dist)
+            result = run_task(
+                experiment, self.task_index, registry, stop=stop, dist=dist, shares_machine=self.shares_machine
+            )
         except Preempted as exc:
-            exit_for_requeue() if exc.requeue else exit_stopped(exc.signal_name)
+            exit_for_requeue(self.requeue_code) if exc.requeue else exit_stopped(exc.signal_name, self.requeue_code)
             raise
         return result.final_metrics or {}
 
@@ -236,18 +248,18 @@ class TaskRunner(submitit.helpers.Checkpointable):
             registry.end_attempt(name, index, self._attempt, reason, error, started=started)
 
         try:
-            result = run_task(experiment, index, registry, stop=stop, dist=dist)
+            result = run_task(experiment, index, registry, stop=stop, dist=dist, shares_machine=self.shares_machine)
         except Preempted as exc:
             if exc.requeue:
                 end("preempted", str(exc))
                 registry.set_state(name, index, "pending", f"requeued: {exc}")
                 registry.replay()
-                exit_for_requeue()
+                exit_for_requeue(self.requeue_code)
             else:  # stopped, not requeued: SLURM requeues a preempted job itself; scancel and cancel mean stop
                 end("cancelled", str(exc))
                 registry.finish(name, index, "cancelled", None, f"{exc}; checkpointed there: resubmit to resume")
                 registry.replay()
-                exit_stopped(exc.signal_name)
+                exit_stopped(exc.signal_name, self.requeue_code)
             raise  # in the submitting process (debug executor, tests): nothing to restart
         except BaseException as exc:
             if self._requeued:
@@ -258,7 +270,7 @@ class TaskRunner(submitit.helpers.Checkpointable):
             registry.finish(name, index, "cancelled" if cancelled else "failed", None, error)
             registry.replay()
             if cancelled:
-                exit_stopped("SIGINT")  # a second signal: leave without a traceback in the log
+                exit_stopped("SIGINT", self.requeue_code)  # a second signal: leave without a traceback in the log
             raise
         end("completed")
         registry.finish(name, index, "succeeded", result.final_metrics, None)
@@ -280,7 +292,9 @@ class TaskRunner(submitit.helpers.Checkpointable):
                 registry = open_registry(runtime_url(experiment.registry_url))
                 registry.end_attempt(experiment.name, self.task_index, self._attempt, "preempted")
                 registry.set_state(experiment.name, self.task_index, "pending", "requeued after SIGUSR2")
-        return submitit.helpers.DelayedSubmission(TaskRunner(self.experiment_dir, self.task_index))
+        return submitit.helpers.DelayedSubmission(
+            TaskRunner(self.experiment_dir, self.task_index, self.shares_machine, self.requeue_code)
+        )
 
 
 def _succeeded(registry, experiment: Experiment, index: int) -> dict | None:
