@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import resolve_path
 from .sweep import Task
 
 PLAN = "plan.json"
@@ -117,8 +118,12 @@ def resolved_container(spec) -> dict | None:
     container = spec.resolved.get("container")
     if not container:
         return None
-    image = Path(container["image"]).expanduser()
-    return {**container, "image": str(image if image.is_absolute() else (spec.base_dir / image).resolve())}
+    image = resolve_path(container["image"], spec.base_dir)
+    # One taken from the spec's folder is normalised ('..', links); an absolute one is kept as written, so a
+    # link to "the current image" stays a link.
+    if not Path(container["image"]).expanduser().is_absolute():
+        image = image.resolve()
+    return {**container, "image": str(image)}
 
 
 def build_plan(spec, tasks: list[Task], output_root: Path, registry_url: str) -> dict:

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from ..io import missing
-from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
+from ..io.mesh import write_obj, write_ply
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
@@ -29,6 +28,7 @@ from .simulate import (
     batch_generator,
     load_structure,
     simulate_batch,
+    structure_problem,
 )
 
 N_SHOWN = 8  # images per row in the input-vs-render grids
@@ -37,18 +37,8 @@ N_SHOWN = 8  # images per row in the input-vs-render grids
 class PoseTask(TaskKind):
     @classmethod
     def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
-        structure = config["data"]["structure"]
-        if structure in BUILTIN_SYMMETRY:
-            return []
-        path = Path(structure) if Path(structure).is_absolute() else base_dir / structure
-        problem = missing(path, f"a built-in shape ({', '.join(BUILTIN_SYMMETRY)}) or an existing OBJ file")
-        if problem:
-            return [(("data", "structure"), problem)]
-        try:
-            read_obj_vertices(path)
-        except MeshFormatError as exc:
-            return [(("data", "structure"), str(exc))]
-        return []
+        problem = structure_problem(config["data"]["structure"], base_dir, BUILTIN_SYMMETRY)
+        return [(("data", "structure"), problem)] if problem else []
 
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
         self.config, self.device, self.dist = config, device, dist or DistInfo()

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import missing
-from ..io.mesh import MeshFormatError, read_obj_vertices, write_obj, write_ply
+from ..io import missing, resolve_path
+from ..io.mesh import read_obj_vertices, write_obj, write_ply
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
@@ -23,11 +23,12 @@ from .losses import best_of_hypotheses
 from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
 from .posenet import PoseNet
 from .render import render_images
-from .simulate import BUILTIN_SHAPES
+from .simulate import BUILTIN_SHAPES, structure_problem
 from .sources import make_source
 
 N_SHOWN = 8  # images per row in the input-vs-render grids
 VIEW_SIZE = 128  # pixels of each orthogonal view of the point cloud
+BUILTIN_INITS = ("cube", "gaussian")  # model.init without an OBJ file (see initial_points)
 
 
 def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> torch.Tensor:
@@ -36,25 +37,16 @@ def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> t
         return (torch.rand(n, 3, generator=generator) * 2 - 1) * scale
     if init == "gaussian":
         return torch.randn(n, 3, generator=generator) * scale
-    path = Path(init) if Path(init).is_absolute() else base_dir / init
-    vertices = torch.from_numpy(read_obj_vertices(path)).float()
+    vertices = torch.from_numpy(read_obj_vertices(resolve_path(init, base_dir))).float()
     return vertices[torch.randint(len(vertices), (n,), generator=generator)] if len(vertices) != n else vertices
 
 
-def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
-    problem = missing(Path(value) if Path(value).is_absolute() else base_dir / value, f"an existing {what}")
+def _at(config_path: tuple, problem: str | None) -> list[tuple[tuple, str]]:
     return [(config_path, problem)] if problem else []
 
 
-def _check_obj(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
-    """An OBJ file the spec names: it exists and holds a point cloud with an extent."""
-    found = _check_path(config_path, value, base_dir, what)
-    if not found:
-        try:
-            read_obj_vertices(Path(value) if Path(value).is_absolute() else base_dir / value)
-        except MeshFormatError as exc:
-            found = [(config_path, str(exc))]
-    return found
+def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
+    return _at(config_path, missing(resolve_path(value, base_dir), f"an existing {what}"))
 
 
 class ReconstructModel(nn.Module):
@@ -88,14 +80,9 @@ class ReconstructTask(TaskKind):
         problems: list[tuple[tuple, str]] = []
         source = data["source"]
         if source == "simulate":
-            structure = data["simulate"]["structure"]
-            if structure not in BUILTIN_SHAPES:
-                problems += _check_obj(
-                    ("data", "simulate", "structure"),
-                    structure,
-                    base_dir,
-                    f"OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})",
-                )
+            expected = f"an existing OBJ file or a built-in shape ({', '.join(BUILTIN_SHAPES)})"
+            problem = structure_problem(data["simulate"]["structure"], base_dir, BUILTIN_SHAPES, expected)
+            problems += _at(("data", "simulate", "structure"), problem)
         elif source == "fits":
             fits = data["fits"]
             if bool(fits.get("folder")) == bool(fits.get("folders")):
@@ -115,8 +102,8 @@ class ReconstructTask(TaskKind):
                 problems.append((("data", "localisations"), "'path' is required with source: localisations"))
             else:
                 problems += _check_path(("data", "localisations", "path"), path, base_dir, "localisation table")
-        if model["init"] not in ("cube", "gaussian"):
-            problems += _check_obj(("model", "init"), model["init"], base_dir, "OBJ file, 'cube' or 'gaussian'")
+        expected = "an existing OBJ file, 'cube' or 'gaussian'"
+        problems += _at(("model", "init"), structure_problem(model["init"], base_dir, BUILTIN_INITS, expected))
         return problems
 
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):

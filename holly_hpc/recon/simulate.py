@@ -7,12 +7,14 @@ at `radius` (in the renderer's [-1, 1] image frame), so any rotation stays insid
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..io.mesh import read_obj_vertices
+from ..io import missing, resolve_path
+from ..io.mesh import MeshFormatError, read_obj_vertices
 from .geometry import random_rotations
 from .render import render_images
 
@@ -72,6 +74,24 @@ BUILTIN_SHAPES = {
 BUILTIN_SYMMETRY = {name: sym for name, (_, sym) in BUILTIN_SHAPES.items()}
 
 
+def structure_problem(value: str, base_dir: Path, builtins: Collection[str], expected: str | None = None) -> str | None:
+    """None if a spec's `value` is one of `builtins` or an existing, readable OBJ file (resolve_path: `~`
+    expanded, relative to base_dir) whose vertices have an extent; else the problem: the file is missing
+    ("expected <expected>, but ... does not exist"; by default "a built-in shape (<builtins>) or an existing
+    OBJ file") or the OBJ reader's complaint (its file and line)."""
+    if value in builtins:
+        return None
+    path = resolve_path(value, base_dir)
+    problem = missing(path, expected or f"a built-in shape ({', '.join(builtins)}) or an existing OBJ file")
+    if problem:
+        return problem
+    try:
+        read_obj_vertices(path)
+    except MeshFormatError as exc:
+        return str(exc)
+    return None
+
+
 def normalise_structure(points: torch.Tensor, radius: float) -> torch.Tensor:
     centred = points - points.mean(dim=0, keepdim=True)
     extent = centred.norm(dim=-1).max()
@@ -90,7 +110,8 @@ class Structure:
 def load_structure(
     name_or_path: str, num_points: int, radius: float, base_dir: Path | None = None, symmetry: str = "auto"
 ) -> Structure:
-    """A built-in shape by name, or the vertices of an OBJ file (relative paths from base_dir).
+    """A built-in shape by name, or the vertices of an OBJ file (resolve_path: `~` expanded, relative paths
+    from base_dir, or from the working directory without one).
 
     symmetry "auto" takes the built-in shape's own ("none" for an OBJ); "axial"/"none" override it.
     """
@@ -98,9 +119,7 @@ def load_structure(
         make, own_symmetry = BUILTIN_SHAPES[name_or_path]
         raw = make(num_points)
     else:
-        path = Path(name_or_path)
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
+        path = resolve_path(name_or_path, base_dir if base_dir is not None else Path())
         raw = torch.from_numpy(read_obj_vertices(path))
         own_symmetry = "none"
     chosen = own_symmetry if symmetry == "auto" else symmetry
