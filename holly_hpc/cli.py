@@ -148,10 +148,11 @@ def _check_registry(registry) -> None:
         )
 
 
-def _status_table(runs, scheduler: dict[tuple[str, int], tuple[str, str | None]] | None = None) -> None:
+def _status_table(runs, scheduler: dict[tuple[str, int], tuple[str, str | None]] | None = None, asked="") -> None:
     """One line per task; with `scheduler` ((experiment, task) -> (the scheduler's state of its job, what that
-    means for the task)) a job column, and a task the registry still counts as pending/running but whose job
-    the scheduler has ended shows the scheduler's verdict."""
+    means for the task)) a job column and one headed `asked` (the clusters asked, e.g. slurm), and a task the
+    registry still counts as pending/running but whose job the scheduler has ended shows the scheduler's
+    verdict."""
     now = time.time()
     headers = ["experiment", "task", "state", "attempts", "step", "loss", "elapsed"]
     rows = []
@@ -175,17 +176,19 @@ def _status_table(runs, scheduler: dict[tuple[str, int], tuple[str, str | None]]
                 row[2] = verdict
             row += [r.job_id or "-", job_state]
         rows.append(row)
-    _table(headers + (["job", "scheduler"] if scheduler is not None else []), rows)
+    _table(headers + (["job", asked] if scheduler is not None else []), rows)
 
 
 STALE_AFTER_S = 600  # a running task that has not reported for this long is shown as lost
 
 
-def _scheduler_states(registry, runs) -> dict[tuple[str, int], tuple[str, str | None]] | None:
-    """Each run's job as its experiment's own launcher sees it (None when no launcher has a scheduler to ask)."""
+def _scheduler_states(registry, runs) -> tuple[dict[tuple[str, int], tuple[str, str | None]] | None, str]:
+    """Each run's job as its experiment's own launcher sees it (None when no launcher has a scheduler to ask),
+    and the names of the clusters that answered."""
     from .launch.executors import get_launcher
 
     found: dict[tuple[str, int], tuple[str, str | None]] = {}
+    asked: set[str] = set()
     folders = {e.name: Path(e.experiment_dir) for e in registry.experiments()}
     for name in sorted({r.experiment for r in runs}):
         if name not in folders or not (folders[name] / PLAN).exists():
@@ -193,10 +196,12 @@ def _scheduler_states(registry, runs) -> dict[tuple[str, int], tuple[str, str | 
         launcher = get_launcher(Experiment.load(folders[name]).launch["cluster"])
         with_job = [r for r in runs if r.experiment == name and r.job_id]
         states = launcher.states([r.job_id for r in with_job]) if with_job else None
+        if states is not None:
+            asked.add(launcher.name)
         for r in with_job if states is not None else []:
             state = states.get(r.job_id, "-")
             found[(name, r.task_index)] = (state, launcher.ended_as(state))
-    return found or None
+    return found or None, "/".join(sorted(asked))
 
 
 def cmd_status(args) -> int:
@@ -220,7 +225,7 @@ def cmd_status(args) -> int:
                 f"note: task {index} of {experiment} was running but its process is gone: marked failed (lost)",
                 file=sys.stderr,
             )
-    _status_table(runs, _scheduler_states(registry, runs))
+    _status_table(runs, *_scheduler_states(registry, runs))
     return 0
 
 

@@ -162,7 +162,7 @@ def test_status_and_cancel_ask_the_experiments_own_launcher(write_spec, cli, mon
     code, out, _ = cli("status", exp.root)
     assert code == 0
     header, *rows = [line.split() for line in out.splitlines()]
-    assert header[-2:] == ["job", "scheduler"]
+    assert header[-2:] == ["job", "local"]  # the cluster asked heads its column
     assert [(r[2], r[-2], r[-1]) for r in rows] == [("cancelled", "77_0", "PREEMPTED_BY_TEST")] * 1 + [
         ("cancelled", "77_1", "PREEMPTED_BY_TEST")
     ]
