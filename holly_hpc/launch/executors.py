@@ -5,8 +5,9 @@ Each cluster type is one Launcher subclass registered in LAUNCHERS (as submitit 
 Debug executors, each with its Job and JobEnvironment): which resources it can run (`problems`, asked by
 validate), the check before anything is frozen, submission, its scheduler's view of the jobs (`states`, for
 `status`), which tasks are still alive and how to stop them (`cancel`), and where its tasks run
-(`shares_machine`, `synchronous`). The CLI, spec and runtime ask the experiment's launcher and never test a
-cluster's name, so a new cluster is one class here plus its name in the schema's launch.cluster enum.
+(`shares_machine`, `requeue_code`, `synchronous`). The CLI, spec and runtime ask the experiment's launcher
+and never test a cluster's name, so a new cluster is one class here plus its name in the schema's
+launch.cluster enum.
 """
 
 from __future__ import annotations
