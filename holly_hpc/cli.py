@@ -57,9 +57,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from .launch.submit import output_root_for
+
     spec = load_spec(args.spec)
     tasks = expand(spec)
-    root = Path(args.output_root or spec.resolved["output_root"]).expanduser().resolve() / spec.experiment
+    root = output_root_for(spec, args.output_root) / spec.experiment
     if args.json:
         print(json.dumps([{**t.to_json(), "out_dir": str(root / t.rel_dir)} for t in tasks], indent=2))
         return 0
@@ -133,10 +135,12 @@ def _registry_for(args, target: str | None):
             exp = Experiment.load(path)
             return open_registry(runtime_url(exp.registry_url)), exp.name
         if path.is_file() and path.suffix in (".yaml", ".yml"):
+            from .launch.submit import output_root_for
+
             spec = load_spec(path)
-            root = Path(args.output_root or spec.resolved["output_root"]).resolve()
+            root = output_root_for(spec, args.output_root)
             return open_registry(resolve_url(spec.resolved["registry"].get("url"), root)), spec.experiment
-    root = Path(args.output_root or DEFAULT_OUTPUT_ROOT).resolve()
+    root = Path(args.output_root or DEFAULT_OUTPUT_ROOT).expanduser().resolve()
     return open_registry(args.registry or resolve_url(None, root)), target
 
 

@@ -72,6 +72,47 @@ def test_each_launcher_says_what_it_cannot_run(launcher, resources, expected):
         assert f"launch.cluster {launcher.name}" in message
 
 
+@pytest.mark.parametrize(
+    ("launcher", "shares_machine", "requeue_code", "synchronous"),
+    [(LocalLauncher, True, 144, False), (DebugLauncher, False, None, True), (SlurmLauncher, False, 75, False)],
+)
+def test_each_launcher_tells_its_tasks_how_they_run(tmp_path, launcher, shares_machine, requeue_code, synchronous):
+    """The runtime reads nothing of the cluster: what it must know travels in the pickled TaskRunner."""
+    runner = launcher().runner(type("Frozen", (), {"root": tmp_path})(), 3)
+    assert (runner.experiment_dir, runner.task_index) == (str(tmp_path), 3)
+    assert (runner.shares_machine, runner.requeue_code, launcher.synchronous) == (
+        shares_machine,
+        requeue_code,
+        synchronous,
+    )
+
+
+def test_tasks_that_share_the_machine_share_its_cores(monkeypatch):
+    from holly_hpc.runtime.task import cpu_threads
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    launch = {"threads": None, "array_parallelism": 4}
+    assert cpu_threads(launch, 10, shares_machine=True) == 2  # 8 cores, 4 tasks at once
+    assert cpu_threads(launch, 2, shares_machine=True) == 4  # only 2 tasks: never more at once
+    assert cpu_threads(launch, 10, shares_machine=False) == 8
+    assert cpu_threads({**launch, "threads": 3}, 10, shares_machine=True) == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert cpu_threads(launch, 10, shares_machine=False) == 6
+
+
+def test_a_runner_pickled_before_the_launchers_said_how_tasks_run_behaves_as_a_slurm_job(tmp_path):
+    """A SLURM job queued across an upgrade unpickles a TaskRunner without the new fields."""
+    import pickle
+
+    from holly_hpc.runtime.task import TaskRunner
+
+    old = TaskRunner(tmp_path, 0)
+    del old.shares_machine, old.requeue_code  # as the old class pickled it
+    restored = pickle.loads(pickle.dumps(old))
+    assert (restored.shares_machine, restored.requeue_code) == (False, 75)
+
+
 def test_validate_reports_the_launchers_problems_at_their_place(write_spec):
     from holly_hpc.spec import SpecError, load_spec
 

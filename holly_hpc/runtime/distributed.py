@@ -67,14 +67,15 @@ class DistInfo:
         """This rank's rows of every entry of a batch drawn identically on every rank."""
         return {key: self.rows(value) for key, value in batch.items()} if self.active else batch
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is True on any (so all ranks stop at the same step). A collective: every
-        rank must call it at the same step."""
+    def agree(self, flag: bool, proposal: int) -> tuple[bool, int]:
+        """One collective for two decisions, the same on every rank: whether any rank's flag is set (so all
+        stop at the same step), and the smallest of the ranks' proposals (a positive int). Every rank must call
+        it at the same step."""
         if not self.active:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+            return flag, proposal
+        t = torch.tensor([1.0 if flag else 0.0, -float(proposal)], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # max of -proposal: min proposal
+        return bool(t[0].item() > 0), int(-t[1].item())
 
     def average_gradients(self, module: torch.nn.Module) -> None:
         """Mean of each gradient over the ranks (what DDP does), for updates DDP's hooks do not allow: a GAN

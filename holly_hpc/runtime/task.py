@@ -19,7 +19,7 @@ from ..experiment import Experiment, restore_registry
 from ..registry import open_registry, runtime_url
 from ..registry.spool import SPOOL_FILE, SpooledRegistry
 from .distributed import DistInfo, setup_distributed, teardown_distributed
-from .preemption import Preempted, StopRequest, exit_for_requeue, exit_stopped
+from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, exit_for_requeue, exit_stopped
 from .processes import process_identity
 
 
@@ -168,6 +168,11 @@ def write_rank_digest(task_dir: Path, dist: DistInfo, kind) -> None:
 
 class TaskRunner(submitit.helpers.Checkpointable):
     """Runs task `task_index` of the experiment frozen in `experiment_dir`; requeued on preemption."""
+
+    # A runner pickled before these were fields (a SLURM job queued across an upgrade) gets SLURM's conventions:
+    # local controllers unpickle at once, so no local runner waits that long.
+    shares_machine = False
+    requeue_code: int | None = REQUEUE_EXIT_CODE
 
     def __init__(
         self, experiment_dir: str | Path, task_index: int, shares_machine: bool = False, requeue_code: int | None = None

@@ -62,7 +62,11 @@ class RegistryReporter:
         self._flushed_at = time.time()
 
 
-STOP_CHECK_EVERY = 10  # steps between the ranks' agreements on a stop request (see Trainer._stop_agreed)
+# Several ranks agree on a stop request (see Trainer._stop_agreed) at least every STOP_CHECK_SECONDS, and at
+# most every STOP_CHECK_MAX_STEPS steps. scancel's SIGKILL follows SIGTERM after KillWait (30 s by default) and
+# SIGUSR2 comes SIGNAL_DELAY_S (90 s) before the time limit: a stop is noticed well within both.
+STOP_CHECK_SECONDS = 5.0
+STOP_CHECK_MAX_STEPS = 10
 
 
 @dataclass
@@ -99,6 +103,9 @@ class Trainer:
         self.steps, self.log_every = train["steps"], train["log_every"]
         self.checkpoint_every, self.keep = train["checkpoint_every"], train["keep_checkpoints"]
         self.step = 0  # steps completed
+        self.clock = time.monotonic  # paces the ranks' stop agreements (a test may drive it)
+        self._next_agreement = 1  # the step after which the ranks next agree on stopping
+        self._agreed = (0, 0.0)  # (step, clock) of the last agreement
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Path | None:
@@ -149,15 +156,22 @@ class Trainer:
 
     def _stop_agreed(self, boundary: bool) -> bool:
         """Whether to stop after this step. One rank reads its own flag every step (free). Several ranks must
-        agree, which is an all-reduce, a device sync: they do so only every STOP_CHECK_EVERY steps and at
-        checkpoint boundaries. A signal is then acted on up to STOP_CHECK_EVERY - 1 steps later, well inside
-        SLURM's warning (SIGNAL_DELAY_S), and the checkpoint is still written at the step where all stop, so a
-        resumed run continues exactly."""
+        agree, which is an all-reduce, a device sync, so they do not agree every step: at checkpoint
+        boundaries, and at agreements spaced by the step time, every step when steps are slow (at least every
+        STOP_CHECK_SECONDS) and at most STOP_CHECK_MAX_STEPS apart when they are fast. Each agreement also
+        settles when the next one is (the smallest of the ranks' proposals), so every rank calls the collective
+        at the same steps. All stop together and the checkpoint is written where they stop: a resumed run
+        continues exactly."""
         if not self.dist.active:
             return self.stop.requested
-        if boundary or self.step % STOP_CHECK_EVERY == 0:
-            return self.dist.any(self.stop.requested)
-        return False
+        if not boundary and self.step < self._next_agreement:
+            return False
+        now = self.clock()
+        seconds_per_step = (now - self._agreed[1]) / max(self.step - self._agreed[0], 1)
+        proposal = max(1, min(STOP_CHECK_MAX_STEPS, int(STOP_CHECK_SECONDS / max(seconds_per_step, 1e-9))))
+        stop, every = self.dist.agree(self.stop.requested, proposal)
+        self._agreed, self._next_agreement = (self.step, now), self.step + every
+        return stop
 
     def run(self, stop_after_step: int | None = None) -> TrainResult:
         """Train to train.steps (or stop, with a checkpoint, after `stop_after_step`, to simulate preemption)."""
@@ -168,6 +182,7 @@ class Trainer:
         tb = TensorBoardSink(self.paths.tb) if main else None
         try:
             t0, first = time.time(), self.step
+            self._agreed, self._next_agreement = (self.step, self.clock()), self.step + 1
             while self.step < self.steps:
                 metrics = self.kind.train_step(self.step)
                 self.step += 1
