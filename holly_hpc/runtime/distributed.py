@@ -75,7 +75,8 @@ class DistInfo:
             return flag, proposal
         t = torch.tensor([1.0 if flag else 0.0, -float(proposal)], device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # max of -proposal: min proposal
-        return bool(t[0].item() > 0), int(-t[1].item())
+        any_flag, smallest = t.tolist()  # one copy back, not two
+        return any_flag > 0, int(-smallest)
 
     def average_gradients(self, module: torch.nn.Module) -> None:
         """Mean of each gradient over the ranks (what DDP does), for updates DDP's hooks do not allow: a GAN
