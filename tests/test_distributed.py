@@ -5,6 +5,7 @@ refuses what NCCL refuses, and against a real 2-process gloo group."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -307,6 +308,10 @@ def test_the_process_group_pairs_nccl_with_gloo_on_cuda(monkeypatch, device_type
     monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", _TorchEnvironment)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, init_method: created.append(backend))
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # setup_distributed exports LOCAL_RANK: set it through monkeypatch first so that it is undone after the
+    # test (later SLURM jobs inherit this process's environment, and submitit refuses a preset LOCAL_RANK).
+    monkeypatch.setenv("LOCAL_RANK", "")
+    monkeypatch.delenv("LOCAL_RANK")
     assert setup_distributed(device_type) == DistInfo(rank=1, world=2, local_rank=1)
     assert created == [backend]
+    assert os.environ["LOCAL_RANK"] == "1"
