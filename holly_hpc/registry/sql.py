@@ -257,12 +257,7 @@ class SQLRegistry(Registry):
                     now,
                 ),
             )
-            (last,) = self._execute(
-                conn,
-                "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ? AND task_index = ?",
-                (experiment, task_index),
-            ).fetchone()
-            attempt = last + 1
+            attempt = self._next_attempt(conn, experiment, task_index)
             self._execute(
                 conn,
                 "INSERT INTO attempts (experiment, task_index, attempt, job_id, host, pid, started, proc_start)"
@@ -271,6 +266,15 @@ class SQLRegistry(Registry):
             )
             self._event(conn, experiment, task_index, "running", f"attempt {attempt} (job {job_id} on {host})", now)
         return attempt
+
+    def _next_attempt(self, conn, experiment, task_index) -> int:
+        """The number the task's next attempt gets: one more than the highest recorded (1 for the first)."""
+        (last,) = self._execute(
+            conn,
+            "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ? AND task_index = ?",
+            (experiment, task_index),
+        ).fetchone()
+        return last + 1
 
     def end_attempt(self, experiment, task_index, attempt, exit_reason, error=None, at=None, started=None):
         """attempt: its number, or None with `started` (its start time) when the start was spooled. An attempt
@@ -287,12 +291,7 @@ class SQLRegistry(Registry):
                 return
             self._require_run(conn, experiment, task_index)
             if attempt is None:
-                (last,) = self._execute(
-                    conn,
-                    "SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE experiment = ? AND task_index = ?",
-                    (experiment, task_index),
-                ).fetchone()
-                attempt = last + 1
+                attempt = self._next_attempt(conn, experiment, task_index)
             self._execute(
                 conn,
                 "INSERT INTO attempts (experiment, task_index, attempt, started, ended, exit_reason, error)"
