@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .experiment import PLAN, Experiment, ExperimentMismatch, restore_registry
 from .registry import STATES, open_registry, redact, resolve_url, runtime_url
+from .registry.sql import PROVENANCE
 from .spec import SpecError, load_spec
 from .sweep import expand
 
@@ -437,20 +438,7 @@ def cmd_show(args) -> int:
         },
         "overrides": exp.task(run.task_index).overrides,
         "config": registry.run_config(exp.name, run.task_index),
-        "provenance": {
-            k: details.get(k)
-            for k in (
-                "owner",
-                "git_commit",
-                "git_dirty",
-                "holly_hpc_version",
-                "torch_version",
-                "python_version",
-                "container_image",
-                "container_digest",
-                "spec_hash",
-            )
-        },
+        "provenance": {k: details.get(k) for k in (*PROVENANCE, "spec_hash")},
         "attempts": registry.attempts(exp.name, run.task_index),
         "final_metrics": run.final_metrics,
     }
