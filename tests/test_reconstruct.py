@@ -226,7 +226,7 @@ def test_localisation_source_renders_particles_at_random_in_plane_rotations(tmp_
             "source": "localisations",
             "image_size": 32,
             "eval_size": 2,
-            "localisations": {"path": "locs.csv", "pixel_size_nm": 10.0},
+            "localisations": {"path": "locs.csv", "pixel_size_nm": 10.0, "units": "nm"},
         },
     )
     source = make_source(expand(spec)[0].config["data"], 3, torch.device("cpu"), spec.base_dir)
@@ -306,7 +306,9 @@ def test_outputs_tensorboard_mesh_zarr_and_final_files(tmp_path, cli):
     assert group["eval/rotations_pred"].shape == group["eval/rotations_true"].shape == (32, 3, 3)
     for name in ("structure.ply", "structure.obj", "renders.png", "views.png", "metrics.json"):
         assert (task_dir / "final" / name).stat().st_size > 0
-    assert (task_dir / "final" / "structure.ply").read_text().count("\n") == 8 + 60  # 8 header lines
+    ply = (task_dir / "final" / "structure.ply").read_text()
+    assert ply.count("\n") == 9 + 60  # 9 header lines
+    assert "comment units image frame (the image spans -1 to 1)\n" in ply  # a simulation has no nm
 
     # holly-hpc eval recomputes the same metrics and pictures from the checkpoint.
     (task_dir / "final" / "views.png").unlink()

@@ -43,17 +43,21 @@ def read_obj_vertices(path: str | Path) -> np.ndarray:
     return points
 
 
-def write_obj(path: str | Path, points: np.ndarray) -> None:
+def write_obj(path: str | Path, points: np.ndarray, units: str | None = None) -> None:
+    """`units` (e.g. "nm") goes into a comment line, as OBJ has no field for it."""
     points = np.asarray(points, dtype=np.float64)
     lines = [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in points]
-    _write_text_atomic(Path(path), "# holly-hpc point cloud\n" + "\n".join(lines) + "\n")
+    head = "# holly-hpc point cloud\n" + (f"# units {units}\n" if units else "")
+    _write_text_atomic(Path(path), head + "\n".join(lines) + "\n")
 
 
-def write_ply(path: str | Path, points: np.ndarray) -> None:
+def write_ply(path: str | Path, points: np.ndarray, units: str | None = None) -> None:
+    """`units` (e.g. "nm") goes into a `comment units ...` header line."""
     points = np.asarray(points, dtype=np.float64)
     header = (
         "ply\nformat ascii 1.0\ncomment holly-hpc point cloud\n"
-        f"element vertex {len(points)}\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+        + (f"comment units {units}\n" if units else "")
+        + f"element vertex {len(points)}\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
     )
     body = "".join(f"{x:.6f} {y:.6f} {z:.6f}\n" for x, y, z in points)
     _write_text_atomic(Path(path), header + body)

@@ -103,3 +103,17 @@ def rotation_error_deg(r_pred: torch.Tensor, r_true: torch.Tensor, symmetry: str
 def rotate_points(points: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate a point cloud (N, 3) or a batch of them (B, N, 3) by rotations (B, 3, 3) -> (B, N, 3)."""
     return points @ rotations.transpose(-1, -2)
+
+
+def principal_axes(points: torch.Tensor) -> torch.Tensor:
+    """(3, 3) rows: the unit principal axes of (N, 3) points, most spread first, signs fixed (each axis's
+    largest-magnitude component positive, the last axis completing a right-handed frame) so that the same
+    cloud always gives the same axes."""
+    centred = points.detach().double() - points.detach().double().mean(0)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
+    axes = vectors.flip(1).T.clone()
+    for i in range(2):
+        if axes[i, axes[i].abs().argmax()] < 0:
+            axes[i] = -axes[i]
+    axes[2] = torch.linalg.cross(axes[0], axes[1])
+    return axes.to(points.dtype)

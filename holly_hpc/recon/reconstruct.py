@@ -15,10 +15,12 @@ from torch import nn
 
 from ..io import missing, resolve_path
 from ..io.mesh import read_obj_vertices, write_obj, write_ply
+from ..runtime.captions import add_scale_bar, caption_grid
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .curriculum import sigma_at
+from .geometry import principal_axes
 from .losses import best_of_hypotheses
 from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
 from .posenet import PoseNet
@@ -47,6 +49,31 @@ def _at(config_path: tuple, problem: str | None) -> list[tuple[tuple, str]]:
 
 def _check_path(config_path: tuple, value: str, base_dir: Path, what: str) -> list[tuple[tuple, str]]:
     return _at(config_path, missing(resolve_path(value, base_dir), f"an existing {what}"))
+
+
+def localisation_problems(cfg: dict, base_dir: Path) -> list[tuple[tuple, str]]:
+    """validate's look at localisation files: each file's header (not its data) against the spec's format,
+    columns and units; a problem points at the key that would fix it."""
+    from ..io.localisations import LocalisationFormatError, expand_paths, inspect
+    from .particles import read_options
+
+    where = ("data", "localisations")
+    try:
+        options = read_options(cfg)
+        paths = expand_paths(resolve_path(cfg["path"], base_dir))
+    except ValueError as exc:  # a bad option, or a pattern that matches nothing
+        key = getattr(exc, "key", None)
+        return [((*where, *(key or "path").split(".")), str(exc))]
+    problems = []
+    for path in paths:
+        if not path.is_file():
+            problems += _check_path((*where, "path"), str(path), base_dir, "localisation table")
+            continue
+        try:
+            inspect(path, options)
+        except LocalisationFormatError as exc:
+            problems.append(((*where, *(exc.key or "path").split(".")), str(exc)))
+    return problems
 
 
 class ReconstructModel(nn.Module):
@@ -101,7 +128,7 @@ class ReconstructTask(TaskKind):
             if not path:
                 problems.append((("data", "localisations"), "'path' is required with source: localisations"))
             else:
-                problems += _check_path(("data", "localisations", "path"), path, base_dir, "localisation table")
+                problems += localisation_problems(data["localisations"], base_dir)
         expected = "an existing OBJ file, 'cube' or 'gaussian'"
         problems += _at(("model", "init"), structure_problem(model["init"], base_dir, BUILTIN_INITS, expected))
         return problems
@@ -182,8 +209,10 @@ class ReconstructTask(TaskKind):
     def image_grids(self) -> dict[str, torch.Tensor]:
         batch, _, rendered, _ = self._eval()
         inputs = batch["images"][:N_SHOWN]
+        grid = image_rows([to_unit_range(inputs), to_unit_range(rendered[:N_SHOWN])])
+        title = f"held-out images (sigma {self.sigma():.2g} px)"
         return {
-            "eval/inputs_vs_renders": image_rows([to_unit_range(inputs), to_unit_range(rendered[:N_SHOWN])]),
+            "eval/inputs_vs_renders": caption_grid(grid, ["input", "render"], title=title),
             "structure/views": self.orthogonal_views(),
         }
 
@@ -191,13 +220,24 @@ class ReconstructTask(TaskKind):
         return {"structure/points": self.points.detach().cpu()}
 
     def orthogonal_views(self) -> torch.Tensor:
-        """The point cloud seen along z, y and x, side by side (3, H, 3W), each at a 1-pixel blur."""
-        eye = torch.eye(3, device=self.device)
-        along_y = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]], device=self.device)  # x right, z up
-        along_x = torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]], device=self.device)  # y right, z up
+        """The point cloud seen along its three principal axes (least spread first: a ring is seen face-on),
+        side by side at a 1-pixel blur, labelled, with a scale bar in nm (or in input pixels)."""
+        points = self.points.detach()
+        axes = principal_axes(points)  # rows: most, middle, least spread
+        first, second, third = axes[0], axes[1], axes[2]
+        # Each view: its rows are the screen's right, up and the viewing direction (a rotation, det +1).
+        views = [
+            torch.stack((first, second, third)),
+            torch.stack((first, third, -second)),
+            torch.stack((second, third, first)),
+        ]
         with torch.no_grad():
-            views = render_images(self.points.detach(), torch.stack((eye, along_y, along_x)), 1.0, VIEW_SIZE)
-        return image_rows([to_unit_range(views)])
+            rendered = render_images(points - points.mean(0), torch.stack(views).to(points), 1.0, VIEW_SIZE)
+        labels = ["along axis 3 (least spread)", "along axis 2", "along axis 1 (most spread)"]
+        grid = caption_grid(image_rows([to_unit_range(rendered)]), col_labels=labels)
+        if self.source.nm_per_unit is not None:
+            return add_scale_bar(grid, 2 * self.source.nm_per_unit / VIEW_SIZE, "nm", at=(2, VIEW_SIZE))
+        return add_scale_bar(grid, self.config["data"]["image_size"] / VIEW_SIZE, "px", at=(2, VIEW_SIZE))
 
     # ------------------------------------------------------------------ state and outputs
     def state_dict(self) -> dict[str, Any]:
@@ -238,9 +278,24 @@ class ReconstructTask(TaskKind):
         if self.source.ground_truth is not None:
             store.write_array("structure/ground_truth", self.source.ground_truth.points.numpy())
             store.write_array("eval/rotations_true", batch["rotations"].cpu().numpy())
-        write_ply(final_dir / "structure.ply", points)
-        write_obj(final_dir / "structure.obj", points)
+        nm_per_unit = self.source.nm_per_unit
+        if nm_per_unit is not None:  # the input was in nm: so is the structure
+            store.write_array("structure/points_nm", points * nm_per_unit)
+            write_ply(final_dir / "structure.ply", points * nm_per_unit, units="nm")
+            write_obj(final_dir / "structure.obj", points * nm_per_unit, units="nm")
+        else:
+            write_ply(final_dir / "structure.ply", points, units="image frame (the image spans -1 to 1)")
+            write_obj(final_dir / "structure.obj", points, units="image frame (the image spans -1 to 1)")
         grids = self.image_grids()
-        save_png(final_dir / "renders.png", grids["eval/inputs_vs_renders"])
+        save_png(final_dir / "renders.png", grids["eval/inputs_vs_renders"], scale=3)
         save_png(final_dir / "views.png", grids["structure/views"], scale=2)
-        return self.evaluate()
+        metrics = self.evaluate()
+        if nm_per_unit is not None:
+            metrics["nm_per_unit"] = float(nm_per_unit)
+        return metrics
+
+    def data_report(self) -> list[str]:
+        return list(self.source.report_lines)
+
+    def write_data_files(self, folder: Path) -> list[Path]:
+        return self.source.write_report(folder)

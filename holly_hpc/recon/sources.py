@@ -30,6 +30,12 @@ class ImageSource(ABC):
     """Images (B, S, S) for training and evaluation; ground truth where the source knows it."""
 
     ground_truth: Structure | None = None
+    nm_per_unit: float | None = None  # nm per image-frame unit, where the source knows it (localisations)
+    report_lines: tuple[str, ...] = ()  # what the source read, printed before training
+
+    def write_report(self, folder: Path) -> list[Path]:
+        """Files describing the data as read (e.g. picked particles); none by default."""
+        return []
 
     @abstractmethod
     def train_batch(self, step: int, batch_size: int, sigma: float) -> dict[str, torch.Tensor]:
@@ -129,6 +135,14 @@ class FitsSource(ImageSource):
             self.by_sigma = sorted(self.images)
         n = next(iter(self.images.values())).shape[0]
         self.n_train, self.n_eval = _split(n, data["eval_size"], "FITS images")
+        capped = (
+            f" (eval_size {data['eval_size']} capped to a fifth of the images)"
+            if self.n_eval < data["eval_size"]
+            else ""
+        )
+        self.report_lines = (
+            f"data: {n} FITS images of {size} px: {self.n_train} for training, {self.n_eval} held out{capped}",
+        )
         self.data, self.seed = data, seed
 
     def _stack(self, sigma: float) -> tuple[torch.Tensor, bool]:
@@ -154,30 +168,42 @@ class FitsSource(ImageSource):
 
 # ------------------------------------------------------------------------------------ localisations
 class LocalisationSource(ImageSource):
-    """Per-particle localisations (nm), rendered on the fly at random in-plane rotations and the current
-    sigma: what HOLLy needed a separate pre-render step (and tens of GB of FITS) for."""
+    """Per-particle localisations (nm), picked from a field of view where the file has no particle ids,
+    rendered on the fly at random in-plane rotations and the current sigma: what HOLLy needed a separate
+    pre-render step (and tens of GB of FITS) for."""
 
     def __init__(self, data: dict, seed: int, device: torch.device, base_dir: Path):
-        from ..io.localisations import centre_particles, read_localisations
+        from .particles import describe, load_particles
 
         cfg = data["localisations"]
-        table = centre_particles(
-            read_localisations(
-                resolve_path(cfg["path"], base_dir), columns=cfg.get("columns") or None, dataset=cfg.get("dataset")
-            )
-        )
-        particles = [torch.as_tensor(p, dtype=torch.float32) for _, p in sorted(table.particles.items())]
+        self.particles = load_particles(cfg, base_dir)
+        particles = [torch.as_tensor(p, dtype=torch.float32) for p in self.particles.points]
         longest = max(len(p) for p in particles)
         points = torch.zeros(len(particles), longest, 3)
         weights = torch.zeros(len(particles), longest)
-        # nm -> pixels -> image frame ([-1, 1] spans image_size pixels); 2D tables get z = 0.
-        scale = 2.0 / (cfg["pixel_size_nm"] * data["image_size"])
+        # nm -> image frame ([-1, 1] spans image_size pixels); 2D tables get z = 0.
+        self.nm_per_unit = cfg["pixel_size_nm"] * data["image_size"] / 2
         for i, p in enumerate(particles):
-            points[i, : len(p), : p.shape[1]] = p * scale
+            points[i, : len(p), : p.shape[1]] = p / self.nm_per_unit
             weights[i, : len(p)] = 1.0
+        # Per-localisation precision in image-frame units (0 where padded), for renderers that use it.
+        self.precision = None
+        if self.particles.precision is not None:
+            self.precision = torch.zeros(len(particles), longest)
+            for i, sigma in enumerate(self.particles.precision):
+                self.precision[i, : len(sigma)] = torch.as_tensor(sigma, dtype=torch.float32) / self.nm_per_unit
+            self.precision = self.precision.to(device)
         self.points, self.weights = points.to(device), weights.to(device)
         self.n_train, self.n_eval = _split(len(particles), data["eval_size"], f"particles in {cfg['path']}")
+        self.report_lines, self.report = describe(
+            self.particles, self.n_eval, data["eval_size"], data["image_size"], cfg["pixel_size_nm"]
+        )
         self.data, self.seed, self.device = data, seed, device
+
+    def write_report(self, folder: Path) -> list[Path]:
+        from .particles import write_report
+
+        return write_report(folder, self.particles, self.report)
 
     def _render(self, idx: torch.Tensor, angles: torch.Tensor, sigma: float) -> torch.Tensor:
         spin = in_plane_rotations(angles).to(self.device)

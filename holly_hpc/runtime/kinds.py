@@ -60,6 +60,14 @@ class TaskKind(ABC):
         (N, D), "labels": [str] or None, "thumbnails": (N, 3, h, w) in [0, 1] or None}}."""
         return {}
 
+    def data_report(self) -> list[str]:
+        """Lines saying what data the task read (files, counts, units, held-out split), printed before training."""
+        return []
+
+    def write_data_files(self, folder: Path) -> list[Path]:
+        """Files describing the data as read (e.g. picked particles, a summary) into the task's data/ folder."""
+        return []
+
     def on_checkpoint(self, step: int, store) -> None:
         """Called after each checkpoint is saved, e.g. to keep a snapshot in outputs.zarr."""
         return  # an optional hook: most kinds keep nothing per checkpoint

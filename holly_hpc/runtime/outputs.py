@@ -4,6 +4,7 @@
            tb/           TensorBoard event files of this task's run (scalars, images, hparams)
            outputs.zarr/ metrics/<key>[log index] and metrics/step, plus the kind's arrays
            final/        metrics.json and the kind's files (renders.png, structure.ply, ...)
+           data/         what the task read, as it read it (summary.json; picked.csv and picked.png)
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ class TaskPaths:
     def final(self) -> Path:
         return self.root / "final"
 
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
     def make(self) -> TaskPaths:
         """Create the folders, refusing any that is a symbolic link out of the task folder."""
-        for d in (self.checkpoints, self.tb, self.zarr, self.final):
+        for d in (self.checkpoints, self.tb, self.zarr, self.final, self.data):
             inside(self.root, d.name)
-        for d in (self.checkpoints, self.tb, self.final):
+        for d in (self.checkpoints, self.tb, self.final, self.data):
             d.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -153,6 +158,9 @@ class TensorBoardSink:
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+
+    def text(self, tag: str, step: int, text: str) -> None:
+        self.writer.add_text(tag, text, step)
 
     def image(self, tag: str, step: int, image: torch.Tensor) -> None:
         self.writer.add_image(tag, image, step, dataformats="CHW")

@@ -173,6 +173,15 @@ class Trainer:
         self._agreed, self._next_agreement = (self.step, now), self.step + every
         return stop
 
+    def _describe_data(self, tb: TensorBoardSink) -> None:
+        """Say what data the kind read before any step, as a log line per fact, data/ files and a TB text."""
+        lines = self.kind.data_report()
+        for line in lines:
+            self._print(line)
+        self.kind.write_data_files(self.paths.data)
+        if lines:
+            tb.text("data/summary", self.step, "\n\n".join(lines))
+
     def run(self, stop_after_step: int | None = None) -> TrainResult:
         """Train to train.steps (or stop, with a checkpoint, after `stop_after_step`, to simulate preemption)."""
         self.resume()
@@ -181,6 +190,8 @@ class Trainer:
         store = MetricsStore(self.paths.zarr, n_logs) if main else None
         tb = TensorBoardSink(self.paths.tb) if main else None
         try:
+            if main:
+                self._describe_data(tb)
             t0, first = time.time(), self.step
             self._agreed, self._next_agreement = (self.step, self.clock()), self.step + 1
             while self.step < self.steps:
