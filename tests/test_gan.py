@@ -34,6 +34,7 @@ from holly_hpc.gan.models import (
 )
 from holly_hpc.gan.task import GenerateTask
 from holly_hpc.gan.traversal import traversal_frames
+from holly_hpc.runtime.captions import CAPTION_PX
 from holly_hpc.runtime.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -272,7 +273,8 @@ def test_holly_hpc_sample_draws_from_the_trained_generator(write_spec, tmp_path,
     assert code == 1 and "one of cat0, cont0" in stderr
     code, stdout, _ = cli("sample", exp.root, "--task", "0", "--output", tmp_path / "x.png")
     assert code == 0 and "64 image(s) from checkpoint step 6" in stdout
-    assert Image.open(tmp_path / "x.png").size == (2 * (8 * 34 + 2), 2 * (8 * 34 + 2))  # 64 cells, 8 per row
+    # 64 cells, 8 per row, under a title line saying which colour shows which channel
+    assert Image.open(tmp_path / "x.png").size == (2 * (8 * 34 + 2), 2 * (8 * 34 + 2 + CAPTION_PX))
     code, _, stderr = cli("sample", exp.root, "--task", "0", "--output", tmp_path / "x.png")
     assert code == 1 and "--overwrite" in stderr
 

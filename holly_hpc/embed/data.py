@@ -21,15 +21,29 @@ import numpy as np
 import torch
 
 from ..io import missing, resolve_path
-from ..io.images import ImageCollection, ImageFormatError, open_collection
+from ..io.images import Z_KEYS, ImageCollection, ImageFormatError, open_collection
 from .models import normalise_per_channel
 from .synthetic import SYNTHETIC_DATASETS
 
 SPLITS = ("train", "val", "test")
 
 
+PLANE_SOURCES = ("folder", "ome_zarr")  # the sources whose images may have Z and T axes
+
+
 def make_collection(data: dict, seed: int, base_dir: Path) -> ImageCollection:
-    """The spec's data source as an ImageCollection."""
+    """The spec's data source as an ImageCollection, its channels named by data.channel_names if given."""
+    collection = _open_source(data, seed, base_dir)
+    names = data.get("channel_names")
+    if names:
+        try:
+            collection.name_channels(names)
+        except ValueError as exc:
+            raise ValueError(f"data.channel_names: {exc}") from None
+    return collection
+
+
+def _open_source(data: dict, seed: int, base_dir: Path) -> ImageCollection:
     source = data["source"]
     if source == "synthetic":
         options = data["synthetic"]
@@ -46,7 +60,39 @@ def make_collection(data: dict, seed: int, base_dir: Path) -> ImageCollection:
         options.setdefault("channels", data.get("channels"))
     if source == "ome_zarr":
         options.setdefault("tile", data["image_size"])
+    if source in PLANE_SOURCES:
+        options.setdefault("planes", data.get("planes") or {})  # frozen specs older than data.planes lack it
     return open_collection(source, options, base_dir)
+
+
+def planes_problems(data: dict) -> list[tuple[tuple, str]]:
+    """data.planes and data.channel_names as far as they can be checked without opening the images."""
+    planes = {key: value for key, value in (data.get("planes") or {}).items() if value is not None}
+    problems = []
+    chosen = [key for key in Z_KEYS if key in planes]
+    for key in chosen[1:]:  # each key after the first, at its own line
+        problems.append((("data", "planes", key), f"{chosen[0]} is set too: set at most one of {', '.join(Z_KEYS)}"))
+    source = data["source"]
+    if planes and source not in PLANE_SOURCES:
+        problems.append(
+            (
+                ("data", "planes"),
+                f"data.source is {source}, whose images have no Z or T axis: data.planes applies to "
+                f"{' and '.join(PLANE_SOURCES)} only",
+            )
+        )
+    names = data.get("channel_names")
+    if names and source == "synthetic":
+        dataset = SYNTHETIC_DATASETS[data["synthetic"].get("dataset", "cells")]
+        if len(names) != dataset.channels:
+            problems.append(
+                (
+                    ("data", "channel_names"),
+                    f"{len(names)} name(s) given, but generated {dataset.dataset_name} images have "
+                    f"{dataset.channels} channels ({', '.join(dataset.base_channel_names)})",
+                )
+            )
+    return problems
 
 
 def data_problems(data: dict, base_dir: Path) -> list[tuple[tuple, str]]:
@@ -71,6 +117,7 @@ def data_problems(data: dict, base_dir: Path) -> list[tuple[tuple, str]]:
                     problem or f"expected none, folders or a CSV file, but {csv} is not a file",
                 )
             )
+    problems += planes_problems(data)
     if data["normalise"]["low"] >= data["normalise"]["high"]:
         problems.append((("data", "normalise"), "low must be below high"))
     if data["split"]["val"] + data["split"]["test"] >= 1:
@@ -148,7 +195,8 @@ class EmbedDataset:
         self.low, self.high = data["normalise"]["low"], data["normalise"]["high"]
         self.skip_bad = data["on_bad_file"] == "skip"
         split = data["split"]
-        names = np.array([split_of(i, split["val"], split["test"]) for i in collection.ids])
+        # split_ids: the planes cut from one stack share one split
+        names = np.array([split_of(i, split["val"], split["test"]) for i in collection.split_ids])
         self.split_names = names
         self.splits = {name: np.flatnonzero(names == name) for name in SPLITS}
         if len(self.splits["train"]) == 0:

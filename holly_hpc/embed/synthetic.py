@@ -62,6 +62,7 @@ class GeneratedCells(ImageCollection):
     channels = 2
     dataset_name = ""  # its name in data.synthetic.dataset
     class_names: tuple[str, ...] = ()
+    base_channel_names: tuple[str, ...] = ()  # what the two channels show (captions, TensorBoard)
 
     def __init__(self, count: int, size: int = 64, classes: int = 4, seed: int = 0):
         if not 2 <= classes <= len(self.class_names):
@@ -99,6 +100,7 @@ class SyntheticCells(GeneratedCells):
 
     dataset_name = "cells"
     class_names = CLASS_NAMES
+    base_channel_names = ("body", "nucleus")
 
     def draw(self, rng, cls, s):
         # Cell frame: random centre (kept inside), size, orientation.
@@ -147,6 +149,7 @@ class InfectedRedCells(GeneratedCells):
 
     dataset_name = "infected_rbc"
     class_names = STAGE_NAMES
+    base_channel_names = ("brightfield", "DNA")
 
     def draw(self, rng, cls, s):
         radius = s * rng.uniform(0.28, 0.34)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime.captions import caption_grid
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_rgb
@@ -181,6 +182,7 @@ class EmbedTask(TaskKind):
         )
         self.dataset = EmbedDataset(collection, data, config["seed"], self.shape)
         self.channels = collection.channels
+        self.channel_names = collection.channel_names  # row captions of the reconstruction grids
         self.model = build_model(model, self.channels, data["image_size"], config["seed"]).to(device)
         self.trained = wrap_ddp(self.model, self.dist, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
@@ -251,11 +253,14 @@ class EmbedTask(TaskKind):
             with evaluating(self.model), torch.no_grad():
                 decoded = self.model.decode_contours(out["embedding"][:N_SHOWN]).cpu().numpy()
             rows.append(torch.stack([contour_picture(c, size) for c in decoded]))
-            return {"eval/matrices_and_contours": image_rows(rows)}
-        rows = []
-        for c in range(inputs.shape[1]):
+            captions = ["input matrix", "reconstruction", "input contour (MDS)", "decoded contour"]
+            return {"eval/matrices_and_contours": caption_grid(image_rows(rows), captions)}
+        rows, captions = [], []
+        for c, name in zip(range(inputs.shape[1]), self.channel_names, strict=True):
             rows += [inputs[:, c], recon[:, c].clamp(0, 1)]
-        return {"eval/inputs_vs_reconstructions": image_rows(rows)}
+            captions += [f"{name} input", f"{name} reconstruction"]
+        title = "held-out images: inputs vs reconstructions"
+        return {"eval/inputs_vs_reconstructions": caption_grid(image_rows(rows), captions, title=title)}
 
     def trained_parameters(self) -> list[torch.Tensor]:
         """The optimiser's parameters plus the EMA codebook, which every rank must keep identical too."""

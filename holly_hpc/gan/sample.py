@@ -78,7 +78,13 @@ def sample_from_run(
         if output.suffix == ".png":
             from ..runtime.outputs import save_png
 
-            save_png(tmp, sample_grid(images, columns=8), scale=2)
+            grid = sample_grid(images, columns=8)
+            names = payload["kind"].get("channel_names")  # checkpoints from before channel names have none
+            if names:
+                from ..runtime.captions import caption_grid, channel_legend
+
+                grid = caption_grid(grid, title=channel_legend(names))
+            save_png(tmp, grid, scale=2)
         else:
             import zarr
 

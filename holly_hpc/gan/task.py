@@ -23,6 +23,7 @@ from ..embed.data import (
     make_collection,
     step_generator,
 )
+from ..runtime.captions import caption_grid, channel_legend
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step
 from .metrics import cluster_accuracy, mean_pairwise_distance
@@ -70,6 +71,7 @@ class GenerateTask(TaskKind):
         data, model, train = config["data"], config["model"], config["train"]
         self.dataset = EmbedDataset(make_collection(data, config["seed"], base_dir), data, config["seed"])
         self.channels = self.dataset.collection.channels
+        self.channel_names = self.dataset.collection.channel_names  # the colour legend of the sample grids
         self.generator, self.codes = build_generator(config, self.channels)
         self.generator.to(device)
         self.discriminator = Discriminator(
@@ -200,10 +202,14 @@ class GenerateTask(TaskKind):
         return metrics
 
     def image_grids(self) -> dict[str, torch.Tensor]:
-        grids = {"samples": sample_grid(self._fixed_samples()[:32], columns=8)}
+        grids = {"samples": self._samples_picture(self._fixed_samples()[:32])}
         for name in self.codes.names():
             grids[f"traversal/{name}"] = traversal_grid(self._traversal(name))
         return grids
+
+    def _samples_picture(self, samples: torch.Tensor) -> torch.Tensor:
+        """A grid of samples titled with which colour shows which channel."""
+        return caption_grid(sample_grid(samples, columns=8), title=channel_legend(self.channel_names))
 
     def _traversal(self, name: str) -> torch.Tensor:
         """(rows, values, C, H, W): each row one fixed latent, each column one value of code `name`."""
@@ -232,6 +238,7 @@ class GenerateTask(TaskKind):
             "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
             "channels": self.channels,
+            "channel_names": self.channel_names,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,12 +261,17 @@ class GenerateTask(TaskKind):
             if name.startswith("cont"):
                 write_gif(folder / f"{name}.gif", grid)
         samples = self._fixed_samples()
-        save_png(final_dir / "samples.png", sample_grid(samples, columns=8), scale=2)
+        save_png(final_dir / "samples.png", self._samples_picture(samples), scale=2)
         store.write_array("samples/images", samples.cpu().numpy().astype(np.float32))
         for key, value in self.fixed.items():
             store.write_array(f"samples/{key}", value.cpu().numpy())
         torch.save(
-            {"generator": self.generator.state_dict(), "config": self.config, "channels": self.channels},
+            {
+                "generator": self.generator.state_dict(),
+                "config": self.config,
+                "channels": self.channels,
+                "channel_names": self.channel_names,
+            },
             final_dir / "generator.pt",
         )
         metrics = self.evaluate()

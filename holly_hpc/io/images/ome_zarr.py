@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from .base import ImageCollection, ImageFormatError, _get_array, _item, _open_group
+from .base import ImageCollection, ImageFormatError, Planes, _get_array, _item, _open_group, reduce_planes
 
 OME_AXES = ("t", "c", "z", "y", "x")
 
@@ -23,14 +23,25 @@ class OmeZarrCollection(ImageCollection):
     OME-NGFF v0.4 (zarr format 2, attrs["multiscales"]) and v0.5 (zarr format 3, attrs["ome"]["multiscales"]).
     Axes: any of t, c, z with y, x last. Tiles run over t, then z, then rows, then columns; the remainder
     at the bottom and right edges is dropped. All channels, or those listed in `channels`, are kept.
+    `planes` (a Planes or a spec's data.planes mapping): time keeps one time point; plane one Z plane,
+    projection the max, mean or sum over Z, z_as: channels every Z plane as a channel (channel-major);
+    none of them (or z_as: items) keeps one item per plane. Channel names: omero.channels[].label.
     """
 
-    def __init__(self, path: str | Path, tile: int, level: int = 0, channels: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        tile: int,
+        level: int = 0,
+        channels: Sequence[int] | None = None,
+        planes: Planes | Mapping | None = None,
+    ) -> None:
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
             raise ValueError(f"tile must be a positive integer; got {tile!r}")
         self.path = Path(path)
         self.tile = tile
         self.level = level
+        self.planes = Planes.of(planes)
         group = _open_group(self.path)
         multiscale = _multiscale(group, self.path)
         self.axes = _axis_names(multiscale, self.path)
@@ -42,21 +53,31 @@ class OmeZarrCollection(ImageCollection):
             )
         sizes = dict(zip(self.axes, shape, strict=True))
         self._channels = _channel_selection(self.path, channels, sizes.get("c", 1))
-        self.channels = len(self._channels)
         height, width = sizes["y"], sizes["x"]
         if height < tile or width < tile:
             raise ImageFormatError(
                 f"{self.path}: level {level} image is {height}x{width} (height x width), "
                 f"smaller than the {tile}x{tile} tile"
             )
-        self._grid = (sizes.get("t", 1), sizes.get("z", 1), height // tile, width // tile)
-        n_t, n_z, n_y, n_x = self._grid
+        n_t, n_z = sizes.get("t", 1), sizes.get("z", 1)
         if n_t * n_z == 0:
             raise ImageFormatError(f"{self.path}: level {level} array has shape {shape}: no (t, z) plane")
+        problem = self.planes.out_of_range(n_z, n_t)
+        if problem:
+            raise ImageFormatError(f"{self.path}: {problem} (axes {''.join(self.axes)}, shape {shape})")
+        self._times = [self.planes.time] if self.planes.time is not None else list(range(n_t))
+        self._zs = self.planes.z_items(n_z)
+        self.z_folded = n_z if self.planes.z_as == "channels" else 1
+        self.channels = len(self._channels) * self.z_folded
+        labels = _omero_labels(group)
+        if labels is not None and len(labels) == sizes.get("c", 1):
+            self.base_channel_names = [labels[c] for c in self._channels]
+        self._grid = (len(self._times), len(self._zs), height // tile, width // tile)
+        _, _, n_y, n_x = self._grid
         self.ids = [
-            f"{self.path.name}/{level}/t{t}z{z}y{ty * tile}x{tx * tile}"
-            for t in range(n_t)
-            for z in range(n_z)
+            f"{self.path.name}/{level}/t{t}{self._z_name(z)}y{ty * tile}x{tx * tile}"
+            for t in self._times
+            for z in self._zs
             for ty in range(n_y)
             for tx in range(n_x)
         ]
@@ -64,15 +85,22 @@ class OmeZarrCollection(ImageCollection):
         self.bad = []
         self.shape_hw = (tile, tile)
 
+    def _z_name(self, z: int | None) -> str:
+        # A plane's tiles keep the ids they have without options; reduced ones say how they were made.
+        if z is not None:
+            return f"z{z}"
+        return f"z{self.planes.projection}" if self.planes.projection else ""
+
     def read(self, index: int) -> np.ndarray:
         i = _item(index, len(self))
         _, n_z, n_y, n_x = self._grid
         t, rest = divmod(i, n_z * n_y * n_x)
         z, rest = divmod(rest, n_y * n_x)
         ty, tx = divmod(rest, n_x)
+        plane = self._zs[z]
         where = {
-            "t": t,
-            "z": z,
+            "t": self._times[t],
+            "z": slice(None) if plane is None else plane,
             "c": self._channels,
             "y": slice(ty * self.tile, (ty + 1) * self.tile),
             "x": slice(tx * self.tile, (tx + 1) * self.tile),
@@ -82,12 +110,27 @@ class OmeZarrCollection(ImageCollection):
             data = np.asarray(self._array.oindex[tuple(where[name] for name in self.axes)])
         except Exception as exc:  # corrupt chunk, vanished store...
             raise ImageFormatError(f"{self.path}: cannot read tile {i} ({self.ids[i]}): {exc}") from exc
-        if "c" not in self.axes:
-            data = data[None]
+        left = [name for name in self.axes if name != "t" and not (name == "z" and plane is not None)]
+        for name in ("c", "z"):  # (C, Z, H, W), with length-1 axes for those the image lacks or indexed
+            if name not in left:
+                data, left = data[None], [name, *left]
+        data = reduce_planes(data.transpose([left.index(name) for name in ("c", "z", "y", "x")]), self.planes)
         return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("="))
 
     def __repr__(self) -> str:
         return f"OmeZarrCollection({str(self.path)!r}, tile={self.tile}, level={self.level}, {len(self)} tile(s))"
+
+
+def _omero_labels(group: zarr.Group) -> list[str] | None:
+    """The label of every channel in the omero metadata (v0.4 attrs["omero"], v0.5 attrs["ome"]["omero"])."""
+    attrs = group.attrs.asdict()
+    ome = attrs.get("ome")
+    omero = attrs.get("omero") or (ome.get("omero") if isinstance(ome, dict) else None)
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    if not isinstance(channels, list):
+        return None
+    labels = [c.get("label") if isinstance(c, dict) else None for c in channels]
+    return [label.strip() if isinstance(label, str) and label.strip() else f"ch{i}" for i, label in enumerate(labels)]
 
 
 def _multiscale(group: zarr.Group, path: Path) -> dict:
@@ -159,12 +202,14 @@ def write_ome_zarr(
     version: str = "0.4",
     chunks: tuple[int, ...] | None = None,
     levels: int = 1,
+    channel_names: Sequence[str] | None = None,
 ) -> Path:
     """Write `data` as an OME-Zarr image (NGFF v0.4 on zarr format 2, or v0.5 on zarr format 3).
 
     axes: the letters of the data's axes in NGFF order, t? c? z? y x (e.g. "cyx", "tczyx").
     levels > 1 adds levels downsampled 2x in y and x by 2x2 block means (cast back to the dtype).
     chunks: per axis; default 1 along t, c, z and up to 256 along y, x. Refuses an existing path.
+    channel_names: written as the omero metadata's channel labels (one per channel).
     """
     path = Path(path)
     data = np.asarray(data)
@@ -176,6 +221,9 @@ def write_ome_zarr(
         raise ValueError(f"version must be '0.4' or '0.5'; got {version!r}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels must be a positive integer; got {levels!r}")
+    n_channels = data.shape[axes.index("c")] if "c" in axes else 1
+    if channel_names is not None and len(channel_names) != n_channels:
+        raise ValueError(f"{len(channel_names)} channel name(s) for {n_channels} channel(s)")
     if path.exists():
         raise FileExistsError(f"{path}: already exists; not overwriting it")
     if chunks is None:
@@ -201,10 +249,11 @@ def write_ome_zarr(
         datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
     types = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
     multiscale = {"name": path.stem, "axes": [{"name": a, "type": types[a]} for a in axes], "datasets": datasets}
+    omero = {"omero": {"channels": [{"label": str(name)} for name in channel_names]}} if channel_names else {}
     if version == "0.4":
-        group.update_attributes({"multiscales": [{"version": "0.4", **multiscale}]})
+        group.update_attributes({"multiscales": [{"version": "0.4", **multiscale}], **omero})
     else:
-        group.update_attributes({"ome": {"version": "0.5", "multiscales": [multiscale]}})
+        group.update_attributes({"ome": {"version": "0.5", "multiscales": [multiscale], **omero}})
     return path
 
 
