@@ -353,3 +353,15 @@ def test_the_reconstruction_grid_is_captioned_with_the_channel_names(monkeypatch
     monkeypatch.undo()
     picture = kind.image_grids()["eval/inputs_vs_reconstructions"]  # the real captions: wider and taller
     assert picture.shape[0] == 3 and picture.shape[1] > captured["grid"][1] and picture.shape[2] > captured["grid"][2]
+
+
+def test_holly_hpc_embed_reads_new_stacks_with_the_runs_planes(tmp_path):
+    from holly_hpc.embed.infer import open_input
+
+    stack = _u16((4, H, W))
+    _imagej(tmp_path / "new" / "a.tif", stack, "ZYX")
+    config = {"data": {"image_size": 16, "planes": {"projection": "max"}}}
+    collection = open_input(tmp_path / "new", config, channels=None, labels="none", on_bad="fail")
+    np.testing.assert_array_equal(collection.read(0), stack.max(axis=0)[None])
+    with _raises(tmp_path / "new" / "a.tif", "ZYX"):
+        open_input(tmp_path / "new", {"data": {"image_size": 16}}, channels=None, labels="none", on_bad="fail")

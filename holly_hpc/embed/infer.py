@@ -37,9 +37,10 @@ def open_input(path: Path, config: dict, channels: int, labels: str, on_bad: str
 
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
         if "multiscales" in attrs or "multiscales" in attrs.get("ome", {}):
-            return OmeZarrCollection(path, tile=data["image_size"])
+            return OmeZarrCollection(path, tile=data["image_size"], planes=data.get("planes"))
         return ZarrCollection(path)
-    return FolderCollection(path, channels=channels, labels=labels, on_bad=on_bad)
+    # New images are stacks of the same kind as the run's: its data.planes reduces their Z and T alike.
+    return FolderCollection(path, channels=channels, labels=labels, on_bad=on_bad, planes=data.get("planes"))
 
 
 def embed_new_images(
