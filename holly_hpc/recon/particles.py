@@ -18,7 +18,7 @@ from ..io.localisations import (
     expand_paths,
     load,
 )
-from .picking import Picked, PickingOptions, pick_particles, picked_picture, write_picked_csv
+from .picking import Picked, PickingOptions, diameter_nm, pick_particles, picked_picture, write_picked_csv
 
 
 def read_options(cfg: dict) -> ReadOptions:
@@ -63,9 +63,7 @@ class ParticleSet:
 
     def diameters_nm(self) -> np.ndarray:
         """Per particle, the diameter of the circle (in x, y) about its centroid holding 90% of it."""
-        from .picking import DIAMETER_QUANTILE
-
-        return np.array([2 * np.quantile(np.linalg.norm(p[:, :2], axis=1), DIAMETER_QUANTILE) for p in self.points])
+        return np.array([diameter_nm(p[:, :2]) for p in self.points])
 
 
 def load_particles(cfg: dict, base_dir: Path) -> ParticleSet:

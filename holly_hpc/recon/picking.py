@@ -11,7 +11,7 @@ localisations fall out as DBSCAN's noise.
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,11 @@ def cluster_labels(xy: np.ndarray, options: PickingOptions) -> np.ndarray:
     raise ValueError(f"unknown picking method {options.method!r}; expected dbscan or hdbscan")
 
 
+def diameter_nm(xy: np.ndarray) -> float:
+    """The diameter of the circle about the centroid of (n, 2) points that holds DIAMETER_QUANTILE of them."""
+    return 2 * float(np.quantile(np.linalg.norm(xy - xy.mean(axis=0), axis=1), DIAMETER_QUANTILE))
+
+
 def _absorb_border_points(xy: np.ndarray, labels: np.ndarray, eps_nm: float) -> np.ndarray:
     """HDBSCAN calls a particle's sparse outer localisations noise, which pulls its centre towards its dense
     side; as DBSCAN does with border points, give each noise point within eps_nm of a cluster to that cluster."""
@@ -144,7 +149,7 @@ def pick_particles(xy: np.ndarray, options: PickingOptions) -> Picked:
     for index, members in enumerate(members_of):
         points = xy[members]
         centre = points.mean(axis=0)
-        diameter = 2 * float(np.quantile(np.linalg.norm(points - centre, axis=1), DIAMETER_QUANTILE))
+        diameter = diameter_nm(points)
         edge = min(points[:, 0].min() - x0, x1 - points[:, 0].max(), points[:, 1].min() - y0, y1 - points[:, 1].max())
         reason = _reason(len(points), diameter, edge, options)
         clusters.append(Cluster(index, float(centre[0]), float(centre[1]), len(points), diameter, not reason, reason))
@@ -229,19 +234,3 @@ def picked_picture(xy: np.ndarray, picked: Picked, max_side: int = 1024):
         fill=(0, 0, 0),
     )
     return picture
-
-
-def summary(picked: Picked) -> dict:
-    kept = picked.kept
-    return {
-        "clusters_found": len(picked.clusters),
-        "particles_kept": len(kept),
-        "dropped": picked.dropped_by_reason(),
-        "median_localisations": float(np.median([c.localisations for c in kept])) if kept else 0.0,
-        "median_diameter_nm": float(np.median([c.diameter_nm for c in kept])) if kept else 0.0,
-        "field_nm": list(picked.field_nm),
-    }
-
-
-def options_dict(options: PickingOptions) -> dict:
-    return asdict(options)
