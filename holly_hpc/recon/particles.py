@@ -15,8 +15,10 @@ from ..io.localisations import (
     LocalisationFormatError,
     Localisations,
     ReadOptions,
+    centre_particles,
     expand_paths,
     load,
+    split_particles,
 )
 from .picking import Picked, PickingOptions, diameter_nm, pick_particles, picked_picture, write_picked_csv
 
@@ -75,21 +77,13 @@ def load_particles(cfg: dict, base_dir: Path) -> ParticleSet:
     for index, path in enumerate(expand_paths(resolve_path(cfg["path"], base_dir))):
         locs = load(path, options)
         notes += [f"{path.name}: {note}" for note in locs.notes]
-        picked = None
-        if locs.particle is None:
-            picked = pick_particles(locs.xyz[:, :2], picking)
-            labels = picked.labels
-        else:
-            labels = locs.particle
-        for pid in np.unique(labels[labels >= 0]) if picked is not None else np.unique(labels):
-            rows = np.flatnonzero(labels == pid)
-            if len(rows) < MIN_LOCALISATIONS:
-                dropped_small += 1
-                continue
-            centroid = locs.xyz[rows].mean(axis=0)
-            points.append(locs.xyz[rows] - centroid)
-            sigmas.append(locs.precision[rows] if locs.precision is not None else None)
-            ids.append((index, int(pid)))
+        picked = pick_particles(locs.xyz[:, :2], picking) if locs.particle is None else None
+        table = centre_particles(split_particles(locs, picked.labels if picked is not None else None))
+        dropped_small += len(table.dropped)
+        for pid, particle in table.particles.items():
+            points.append(particle)
+            sigmas.append(table.precision[pid] if table.precision is not None else None)
+            ids.append((index, pid))
         files.append(FileParticles(locs, picked, offset))
         offset += len(picked.clusters) if picked is not None else 0
     if not points:

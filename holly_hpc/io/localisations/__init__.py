@@ -28,6 +28,7 @@ from .table import (
     inspect,
     load,
     read_localisations,
+    split_particles,
 )
 
 DEFAULT_COLUMNS = {"x": "x", "y": "y", "z": "z", "particle": "particle"}
@@ -50,5 +51,6 @@ __all__ = [
     "inspect",
     "load",
     "read_localisations",
+    "split_particles",
     "split_unit",
 ]

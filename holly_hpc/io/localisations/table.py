@@ -118,8 +118,18 @@ def _shown(name: str | tuple[str, str]) -> str:
 
 
 def group_particles(locs: Localisations, particle: np.ndarray | None = None) -> LocalisationTable:
-    """Group by particle id (sorted; every row particle 0 without ids), dropping particles with too few rows.
-    `particle` overrides the file's ids (picked particles; -1 rows are left out)."""
+    """Group by particle id (sorted; every row particle 0 without ids), dropping particles with too few rows;
+    refused when none is left. `particle` overrides the file's ids (picked particles; -1 rows are left out)."""
+    table = split_particles(locs, particle)
+    if not table.particles:
+        raise LocalisationFormatError(
+            f"{locs.source}: every particle ({len(table.dropped)}) has fewer than {MIN_LOCALISATIONS} localisations"
+        )
+    return table
+
+
+def split_particles(locs: Localisations, particle: np.ndarray | None = None) -> LocalisationTable:
+    """group_particles without the refusal: the table may hold no particle (one file of several may)."""
     ids = particle if particle is not None else locs.particle
     if ids is None:
         ids = np.zeros(len(locs), dtype=np.int64)
@@ -135,10 +145,6 @@ def group_particles(locs: Localisations, particle: np.ndarray | None = None) -> 
     )
     particles = {pid: g for pid, g in groups.items() if len(g) >= MIN_LOCALISATIONS}
     dropped = [pid for pid, g in groups.items() if len(g) < MIN_LOCALISATIONS]
-    if not particles:
-        raise LocalisationFormatError(
-            f"{locs.source}: every particle ({len(groups)}) has fewer than {MIN_LOCALISATIONS} localisations"
-        )
     kept_sigmas = {pid: sigmas[pid] for pid in particles} if sigmas is not None else None
     return LocalisationTable(particles, locs.source, locs.has_z, dropped, kept_sigmas)
 
