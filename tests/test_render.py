@@ -46,6 +46,22 @@ def test_fast_matches_reference_float32_to_1e5():
     assert (fast - ref).abs().max().item() < 1e-5
 
 
+def test_one_sigma_per_blob_matches_reference_and_widens_only_that_blob():
+    # Real tables carry each localisation's precision: the renderer draws every blob at its own sigma.
+    points, rotations, translations = _scene(5, 3, 40, torch.float64)
+    g = torch.Generator().manual_seed(2)
+    sigma = 0.6 + 3 * torch.rand(3, 40, generator=g, dtype=torch.float64)
+    fast = render_images(points, rotations, sigma, 24, translations)
+    ref = render_images_reference(points, rotations, sigma, 24, translations)
+    assert torch.allclose(fast, ref, atol=1e-12)
+    one = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    eye = torch.eye(3).expand(1, 3, 3)
+    sharp = render_images(one, eye, torch.tensor([[1.0, 1.0]]), 32)[0]
+    wide = render_images(one, eye, torch.tensor([[1.0, 3.0]]), 32)[0]
+    assert wide[8, 24].item() < 0.5 * sharp[8, 24].item()  # the second blob (top right) is wider, so lower
+    assert wide[16, 16].item() == pytest.approx(sharp[16, 16].item(), rel=0.02)  # the first one is unchanged
+
+
 def test_each_blob_has_unit_mass_and_lands_where_projected():
     rotations = torch.eye(3).expand(1, 3, 3)
     point = torch.tensor([[0.25, -0.5, 0.3]])  # x right, y up, z dropped

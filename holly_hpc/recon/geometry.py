@@ -117,3 +117,14 @@ def principal_axes(points: torch.Tensor) -> torch.Tensor:
             axes[i] = -axes[i]
     axes[2] = torch.linalg.cross(axes[0], axes[1])
     return axes.to(points.dtype)
+
+
+def so3_grid(n: int, dtype=torch.float32) -> torch.Tensor:
+    """n rotations spread evenly over SO(3), deterministic: the super-Fibonacci spiral of unit quaternions
+    (Alexa, CVPR 2022), for coarse pose searches; spacing about (8π²/n)^(1/3) radians."""
+    phi, psi = 2**0.5, 1.533751168755204288118041
+    s = torch.arange(n, dtype=torch.float64) + 0.5
+    r, big_r = (s / n).sqrt(), (1 - s / n).sqrt()
+    alpha, beta = 2 * torch.pi * s / phi, 2 * torch.pi * s / psi
+    q = torch.stack((r * alpha.sin(), r * alpha.cos(), big_r * beta.sin(), big_r * beta.cos()), dim=-1)
+    return quaternion_to_matrix(q).to(dtype)

@@ -39,9 +39,12 @@ def project(points: torch.Tensor, rotations: torch.Tensor, translations: torch.T
 
 
 def _sigma_world(sigma_px: torch.Tensor | float, batch: int, size: int, like: torch.Tensor) -> torch.Tensor:
-    """Sigma in pixels (scalar or (B,)) -> sigma in image-frame units, shaped (B, 1, 1)."""
-    s = torch.as_tensor(sigma_px, dtype=like.dtype, device=like.device)
-    return (s * (2.0 / size)).expand(batch).reshape(batch, 1, 1)
+    """Sigma in pixels -> image-frame units: a scalar or (B,) gives (B, 1, 1); (B, N), one sigma per blob (a
+    localisation's own precision), gives (B, N, 1)."""
+    s = torch.as_tensor(sigma_px, dtype=like.dtype, device=like.device) * (2.0 / size)
+    if s.dim() == 2:
+        return s.expand(batch, like.shape[1])[..., None]
+    return s.expand(batch).reshape(batch, 1, 1)
 
 
 def render_images(
@@ -54,6 +57,7 @@ def render_images(
 ) -> torch.Tensor:
     """Render (B, size, size) images of `points` seen at `rotations` (fast separable path).
 
+    sigma_px: one blur for all (a number), one per image (B,), or one per blob (B, N) pixels.
     weights (B, N), optional: each blob's mass (0 drops a point from that image, as a missed fluorophore).
     """
     xy = project(points, rotations, translations)
