@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import resolve_path
+from .geometry import rotate_points
 from .render import render_images
 from .simulate import (
     EVAL_STREAM,
@@ -199,27 +200,47 @@ class LocalisationSource(ImageSource):
             self.particles, self.n_eval, data["eval_size"], data["image_size"], cfg["pixel_size_nm"]
         )
         self.data, self.seed, self.device = data, seed, device
+        self.truth = None
+        if cfg.get("truth"):
+            from .truth import load_truth
+
+            self.truth = load_truth(cfg["truth"], base_dir, self.particles.ids, self.nm_per_unit)
 
     def write_report(self, folder: Path) -> list[Path]:
         from .particles import write_report
 
         return write_report(folder, self.particles, self.report)
 
-    def _render(self, idx: torch.Tensor, angles: torch.Tensor, sigma: float) -> torch.Tensor:
+    def blob_sigma(self, idx: torch.Tensor, sigma: float) -> torch.Tensor | float:
+        """Each localisation's blur in pixels: the curriculum's sigma and its own precision in quadrature
+        (a precise localisation is drawn sharp), or the curriculum's alone without a precision column."""
+        if self.precision is None:
+            return sigma
+        precision_px = self.precision[idx] * (self.data["image_size"] / 2)
+        return (sigma * sigma + precision_px.pow(2)).sqrt()
+
+    def _batch(self, idx: torch.Tensor, angles: torch.Tensor, sigma: float) -> dict[str, torch.Tensor]:
+        """Images of the particles `idx` spun by `angles`, and their localisations as spun (for the likelihood)."""
         spin = in_plane_rotations(angles).to(self.device)
         idx = idx.to(self.device)
+        points, weights = self.points[idx], self.weights[idx]
         with torch.no_grad():
-            return render_images(self.points[idx], spin, sigma, self.data["image_size"], weights=self.weights[idx])
+            images = render_images(points, spin, self.blob_sigma(idx, sigma), self.data["image_size"], weights=weights)
+            locs = rotate_points(points, spin)[..., :2]
+        batch = {"images": images, "locs": locs, "mask": weights}
+        if self.precision is not None:
+            batch["precision"] = self.precision[idx]
+        return batch
 
     def train_batch(self, step, batch_size, sigma):
         idx, g = _pick(step, self.seed, self.n_train, batch_size)
         angles = torch.rand(batch_size, generator=g) * 2 * math.pi
-        return {"images": self._render(idx, angles, sigma)}
+        return self._batch(idx, angles, sigma)
 
     def eval_batch(self, sigma):
         idx = torch.arange(self.n_train, self.n_train + self.n_eval)
         angles = torch.rand(self.n_eval, generator=batch_generator(self.seed, EVAL_STREAM)) * 2 * math.pi
-        return {"images": self._render(idx, angles, sigma)}
+        return self._batch(idx, angles, sigma)
 
 
 SOURCES = {"simulate": SimulatedSource, "fits": FitsSource, "localisations": LocalisationSource}

@@ -60,6 +60,14 @@ class TaskKind(ABC):
         (N, D), "labels": [str] or None, "thumbnails": (N, 3, h, w) in [0, 1] or None}}."""
         return {}
 
+    def final_images(self) -> dict[str, torch.Tensor]:
+        """Pictures made by write_outputs (e.g. an FSC curve), for TensorBoard at the last step."""
+        return dict(getattr(self, "final_pictures", {}) or {})
+
+    def final_report(self) -> list[str]:
+        """Lines that sum up the result (made by write_outputs), printed at the end of the task's log."""
+        return list(getattr(self, "final_lines", []) or [])
+
     def data_report(self) -> list[str]:
         """Lines saying what data the task read (files, counts, units, held-out split), printed before training."""
         return []

@@ -228,11 +228,15 @@ class Trainer:
             if not main:
                 return TrainResult(True, self.step, None)
             final = self.kind.write_outputs(self.paths.final, store)
+            for tag, image in self.kind.final_images().items():
+                tb.image(tag, self.step, image)
             for tag, view in self.kind.projector().items():
                 tb.embedding(tag, self.step, view["embeddings"], view.get("labels"), view.get("thumbnails"))
             tb.hparams(flat_hparams(self.config), final, self.step)
             write_json_atomic(self.paths.final / "metrics.json", {"step": self.step, **final})
             self._print("done  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
+            for line in self.kind.final_report():
+                self._print(line)
             return TrainResult(True, self.step, final)
         finally:
             self.reporter.flush()
