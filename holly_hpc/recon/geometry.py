@@ -5,6 +5,8 @@ All functions are batched over a leading dimension and work on any device and fl
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Orthographic projection along z cannot tell a structure from its mirror in depth (z -> -z).
@@ -128,3 +130,36 @@ def so3_grid(n: int, dtype=torch.float32) -> torch.Tensor:
     alpha, beta = 2 * torch.pi * s / phi, 2 * torch.pi * s / psi
     q = torch.stack((r * alpha.sin(), r * alpha.cos(), big_r * beta.sin(), big_r * beta.cos()), dim=-1)
     return quaternion_to_matrix(q).to(dtype)
+
+
+def in_plane(angles: torch.Tensor) -> torch.Tensor:
+    """Rotations about the view axis z by `angles` (A,) radians -> (A, 3, 3)."""
+    c, s = angles.cos(), angles.sin()
+    zero, one = torch.zeros_like(c), torch.ones_like(c)
+    return torch.stack((c, -s, zero, s, c, zero, zero, zero, one), -1).reshape(-1, 3, 3)
+
+
+def factored_so3_grid(n: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """About n rotations evenly over SO(3), as (views (V, 3, 3), in-plane angles (A,)): rotation a·V + v is
+    in_plane(angles[a]) @ views[v]. A view's third row is its viewing direction in the structure's frame
+    (a Fibonacci sphere of V directions); the spin about the view axis comes from the angles, so one
+    projection per view serves every angle (the particles are turned instead: likelihood.spun_counts)."""
+    spacing = (8 * math.pi**2 / n) ** (1 / 3)  # radians between neighbours in SO(3)
+    a = max(4, round(2 * math.pi / spacing))
+    v = max(2, math.ceil(n / a))
+    i = torch.arange(v, dtype=torch.float64) + 0.5
+    z = 1 - 2 * i / v
+    ring = (1 - z**2).clamp_min(0).sqrt()
+    turn = math.pi * (3 - math.sqrt(5)) * i
+    d = torch.stack((ring * turn.cos(), ring * turn.sin(), z), 1)  # viewing directions, unit
+    helper = torch.where((d[:, 2].abs() < 0.9)[:, None], torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1.0, 0, 0]))
+    e1 = torch.nn.functional.normalize(torch.linalg.cross(helper.to(d), d), dim=1)
+    e2 = torch.linalg.cross(d, e1)
+    views = torch.stack((e1, e2, d), dim=1)  # rows: screen right, screen up, viewing direction (det +1)
+    angles = 2 * math.pi * torch.arange(a, dtype=torch.float64) / a
+    return views.to(dtype), angles.to(dtype)
+
+
+def factored_rotations(views: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """The rotations of a factored grid, in its order (angle major) -> (A·V, 3, 3)."""
+    return (in_plane(angles)[:, None] @ views[None]).reshape(-1, 3, 3)

@@ -98,3 +98,34 @@ def marginal_nll(scores: torch.Tensor, counts_per_particle: torch.Tensor) -> tor
     pose contributes by its posterior weight, so a structure can be fitted before any pose is known."""
     log_marginal = torch.logsumexp(scores, dim=1) - math.log(scores.shape[1])
     return -log_marginal / counts_per_particle.clamp_min(1)
+
+
+def spun_counts(locs: torch.Tensor, mask: torch.Tensor, angles: torch.Tensor, size: int) -> torch.Tensor:
+    """Each particle's counts after turning it by -angle, for every angle -> (P, A, size²): a particle that
+    matches a view turned by +angle matches the unturned view after this (see factored_grid_scores)."""
+    c, s = angles.cos().to(locs), angles.sin().to(locs)
+    x, y = locs[..., 0], locs[..., 1]
+    out = []
+    for ca, sa in zip(c, s, strict=True):  # A angles (tens), not the batch: each a vectorised count
+        turned = torch.stack((ca * x + sa * y, -sa * x + ca * y), dim=-1)
+        out.append(count_images(turned, mask, size))
+    return torch.stack(out, dim=1)
+
+
+def factored_grid_scores(
+    points: torch.Tensor,
+    views: torch.Tensor,
+    spun: torch.Tensor,
+    blur_px: float,
+    size: int,
+    background: float = 0.05,
+) -> torch.Tensor:
+    """grid_scores over the factored grid (geometry.factored_so3_grid) -> (P, A·V), rotation a·V + v.
+
+    The projection at in_plane(θ) @ view is the view's projection turned by θ, so scoring the particle
+    turned by -θ against the view's log-density image is the same score: one render per view (V of them)
+    instead of one per rotation (A·V), the saving that makes the search cheap. Agrees with grid_scores on
+    factored_rotations up to the pixel binning (tests/test_likelihood.py)."""
+    p, a, hw = spun.shape
+    log_views = log_density_images(points, views, blur_px, size, background)  # (V, S²)
+    return (spun.reshape(p * a, hw) @ log_views.T).reshape(p, -1)

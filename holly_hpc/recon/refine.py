@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .geometry import rotation_from_6d, so3_grid
-from .likelihood import count_images, grid_scores, localisation_nll, marginal_nll
+from .geometry import factored_rotations, factored_so3_grid, rotation_from_6d
+from .likelihood import count_images, factored_grid_scores, localisation_nll, marginal_nll, spun_counts
 from .losses import per_image_loss
 from .render import project, render_images
 from .symmetry import expand, symmetrise
@@ -117,7 +117,11 @@ class Refinement(nn.Module):
         self.shifts = nn.ParameterList(
             [nn.Parameter(torch.zeros(len(idx), 2, dtype=unit.dtype, device=unit.device)) for idx in splits.values()]
         )
-        self.register_buffer("grid", so3_grid(options.grid, dtype=unit.dtype).to(unit.device))
+        views, angles = factored_so3_grid(options.grid, dtype=unit.dtype)
+        self.register_buffer("views", views.to(unit.device))
+        self.register_buffer("angles", angles.to(unit.device))
+        self.register_buffer("grid", factored_rotations(views, angles).to(unit.device))
+        self._spun: dict[int, torch.Tensor] = {}  # each split's particles turned by every angle (constant)
 
     def state(self) -> dict:
         return {
@@ -179,8 +183,14 @@ class Refinement(nn.Module):
         return total
 
     def search_nll(self, i: int, part: Particles, sigma_px: float, size: int) -> torch.Tensor:
-        scores = grid_scores(self.points(i), self.grid, part.counts, sigma_px, size, self.options.background)
+        scores = self.grid_scores(i, part, sigma_px, size)
         return marginal_nll(scores, part.mask.sum(-1))
+
+    def grid_scores(self, i: int, part: Particles, sigma_px: float, size: int) -> torch.Tensor:
+        """Split i's particles scored at every rotation of self.grid -> (P_i, R)."""
+        if i not in self._spun:
+            self._spun[i] = spun_counts(part.locs, part.mask, self.angles, size)
+        return factored_grid_scores(self.points(i), self.views, self._spun[i], sigma_px, size, self.options.background)
 
     def pose_loss(self, i: int, part: Particles, sigma_px: float, size: int, kind: str) -> torch.Tensor:
         rotations, shifts = self.rotations(i), self.shifts[i]
@@ -204,8 +214,7 @@ class Refinement(nn.Module):
         moved, total = 0, 0
         for i in range(len(self.names)):
             part = data.take(self.index(i))
-            scores = grid_scores(self.points(i), self.grid, part.counts, sigma_px, size, self.options.background)
-            best = self.grid[scores.argmax(dim=1)]
+            best = self.grid[self.grid_scores(i, part, sigma_px, size).argmax(dim=1)]
             take = torch.ones(len(best), dtype=torch.bool, device=best.device)
             new_six, zero = six_from_rotations(best), torch.zeros_like(self.shifts[i])
             if only_better:
