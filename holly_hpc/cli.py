@@ -775,9 +775,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="benchmarks: render (fast vs dense renderer), train (reconstruct images/s), "
-        "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers)",
+        "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers), "
+        "methods (reconstruct's method options on realistic particles)",
     )
-    p.add_argument("what", choices=["render", "train", "embed", "registry"])
+    p.add_argument("what", choices=["render", "train", "embed", "registry", "methods"])
     p.add_argument(
         "rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)"
     )
