@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 
 from holly_hpc.experiment import freeze
 from holly_hpc.recon.reconstruct import ReconstructTask
@@ -103,6 +104,14 @@ def test_refinement_writes_the_quality_a_user_can_trust_without_truth(data, cli)
     ply = (final / "structure.ply").read_text()
     assert "element vertex 32" in ply and "units nm" in ply
     assert (final / "structure_half1.ply").read_text() != (final / "structure_half2.ply").read_text()
+    # TensorBoard has the FSC curve and the symmetry spectrum of the end, and the refined poses are in zarr.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(task_dir / "tb"), size_guidance={"images": 0})
+    ea.Reload()
+    assert {"quality/fsc", "quality/symmetry"} <= set(ea.Tags()["images"])
+    group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")
+    assert group["refine/rotations"].shape == (40, 3, 3) and group["structure/half1"].shape == (32, 3)
     # The registry holds it, so a sweep on real data can be ranked by resolution (as the README shows).
     code, out, err = cli("runs", data / "runs" / "fsc", "--sort", "metric:fsc_resolution_nm")
     assert code == 0, err
