@@ -480,7 +480,11 @@ class ReconstructTask(TaskKind):
         if "refinement" in state:
             saved = state["refinement"]
             self.refinement = Refinement(
-                self.refine_options, saved["units"][0], len(self.particles.locs), saved["symmetry"], self.config["seed"]
+                self.refine_options,
+                saved["units"][0].to(self.device),
+                len(self.particles.locs),
+                saved["symmetry"],
+                self.config["seed"],
             ).to(self.device)
             self.refinement.load_state(saved)
             self.refine_optimizer = torch.optim.Adam(self.refinement.parameter_groups())
