@@ -183,3 +183,11 @@ def test_validate_names_the_key_of_a_method_problem(data, changes, key, words):
         load_spec(path)
     message = str(info.value)
     assert key in message and words in message, message
+
+
+def test_the_default_loss_is_the_likelihood_for_tables_and_the_image_loss_for_images():
+    from holly_hpc.recon.reconstruct import loss_kind
+
+    assert loss_kind({"train": {"loss": "auto"}, "data": {"source": "localisations"}}) == "likelihood"
+    assert loss_kind({"train": {"loss": "auto"}, "data": {"source": "simulate"}}) == "l2"
+    assert loss_kind({"train": {"loss": "l1"}, "data": {"source": "localisations"}}) == "l1"

@@ -16,24 +16,26 @@ from torch import nn
 from ..io import missing, resolve_path
 from ..io.mesh import read_obj_vertices, write_obj, write_ply
 from ..runtime.captions import add_scale_bar, caption_grid
-from ..runtime.distributed import DistInfo
+from ..runtime.distributed import DistInfo, all_sum
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
 from ..runtime.outputs import image_rows, save_png, to_unit_range
 from .curriculum import sigma_at
 from .geometry import axial_error_deg, principal_axes
+from .initial import init_from_problem, init_report, load_init, poisson_disc_points, take_matching
 from .likelihood import localisation_nll
 from .losses import best_of_hypotheses
 from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
 from .posenet import PoseNet
 from .refine import BOUND, Particles, Refinement, RefineOptions, bound_penalty, reset_rows
 from .render import render_images
+from .schedules import PlateauSchedule
 from .simulate import BUILTIN_SHAPES, structure_problem
 from .sources import make_source
 from .symmetry import detect_symmetry, expand, group_rotations, symmetric_rotation_errors
 
 N_SHOWN = 8  # images per row in the input-vs-render grids
 VIEW_SIZE = 128  # pixels of each orthogonal view of the point cloud
-BUILTIN_INITS = ("cube", "gaussian")  # model.init without an OBJ file (see initial_points)
+BUILTIN_INITS = ("cube", "gaussian", "poisson")  # model.init without an OBJ file (see initial_points)
 
 
 def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> torch.Tensor:
@@ -42,6 +44,8 @@ def initial_points(model: dict, base_dir: Path, generator: torch.Generator) -> t
         return (torch.rand(n, 3, generator=generator) * 2 - 1) * scale
     if init == "gaussian":
         return torch.randn(n, 3, generator=generator) * scale
+    if init == "poisson":
+        return poisson_disc_points(n, scale, generator)
     vertices = torch.from_numpy(read_obj_vertices(resolve_path(init, base_dir))).float()
     return vertices[torch.randint(len(vertices), (n,), generator=generator)] if len(vertices) != n else vertices
 
@@ -77,6 +81,14 @@ def localisation_problems(cfg: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         except LocalisationFormatError as exc:
             problems.append(((*where, *(exc.key or "path").split(".")), str(exc)))
     return problems
+
+
+def loss_kind(config: dict) -> str:
+    """train.loss, with auto resolved: the likelihood for localisation sources, the L2 image loss otherwise."""
+    loss = config["train"]["loss"]
+    if loss == "auto":
+        return "likelihood" if config["data"]["source"] == "localisations" else "l2"
+    return loss
 
 
 def method_problems(config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
@@ -193,8 +205,9 @@ class ReconstructTask(TaskKind):
                 problems.append((("data", "localisations"), "'path' is required with source: localisations"))
             else:
                 problems += localisation_problems(data["localisations"], base_dir)
-        expected = "an existing OBJ file, 'cube' or 'gaussian'"
+        expected = "an existing OBJ file, 'cube', 'gaussian' or 'poisson'"
         problems += _at(("model", "init"), structure_problem(model["init"], base_dir, BUILTIN_INITS, expected))
+        problems += _at(("model", "init_from"), init_from_problem(model.get("init_from"), base_dir))
         return problems + method_problems(config, base_dir)
 
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
@@ -211,15 +224,25 @@ class ReconstructTask(TaskKind):
         )
         g = torch.Generator().manual_seed(config["seed"])
         unit_size = model["num_points"] // len(group_rotations(self.symmetry))
+        # model.init_from: another run's points (and its pose network's weights where they fit) instead.
+        self.init_state = load_init(model["init_from"], base_dir) if model.get("init_from") else None
+        if self.init_state is not None:
+            points = self.init_state.points_for(unit_size, g)
+        else:
+            points = initial_points({**model, "num_points": unit_size}, base_dir, g)
         self.model = ReconstructModel(
             net,
-            initial_points({**model, "num_points": unit_size}, base_dir, g),
+            points,
             data["image_size"],
-            train["loss"],
+            loss_kind(config),
             train["normalise"],
             self.symmetry,
         ).to(device)
         self.net, self.points = self.model.net, self.model.points
+        self.init_lines: list[str] = []
+        if self.init_state is not None:  # before wrap_ddp, on every rank alike
+            taken, skipped = take_matching(self.net, self.init_state.net_state)
+            self.init_lines = init_report(self.init_state, unit_size, taken, skipped)
         # DDP averages the gradients of the network and the points across ranks.
         self.trained = wrap_ddp(self.model, self.dist, device)
         self.optimizer = torch.optim.AdamW(
@@ -229,6 +252,19 @@ class ReconstructTask(TaskKind):
             ]
         )
         self.scheduler = make_lr_scheduler(self.optimizer, train)
+        self.plateau: PlateauSchedule | None = None  # train.points_lr_schedule: plateau (the points' group, 1)
+        if train.get("points_lr_schedule", "constant") == "plateau":
+            p = train["plateau"]
+            self.plateau = PlateauSchedule(
+                self.optimizer,
+                1,
+                p["patience"],
+                p["factor"],
+                p["min_lr"],
+                p["check_every"],
+                scheduler=self.scheduler,
+                reduce=self._mean_over_ranks if self.dist.active else None,
+            )
         self.step_done = 0  # progress of the curriculum, restored with the checkpoint
         self.weights = WeightsCache()  # the held-out predictions, until the weights change
         self.respawned = 0
@@ -262,15 +298,25 @@ class ReconstructTask(TaskKind):
         self.model.train()
         pred, _, loss = self.trained(batch["images"], sigma, batch)
         lr, lr_points = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
+        if self.plateau is not None:  # after the shared schedule's step; reads the loss every check_every steps
+            self.plateau.step(loss.detach())
         self.step_done = step + 1
         every = self.config["train"]["respawn_every"]
         if every and self.step_done % every == 0:
             self._respawn_strays()
         # Tensors, not floats: the Trainer converts them only when it logs (no device sync every step).
         metrics = {"loss": loss.detach(), "sigma": sigma, "lr": lr, "lr_points": lr_points}
+        if self.plateau is not None:
+            metrics["points_lr_scale"] = self.plateau.scale
+        if getattr(self.source, "dataset_size", 0):
+            metrics["epoch"] = self.source.epoch(step + 1, self.config["train"]["batch_size"])
         if pred.sigma is not None:
             metrics["sigma_predicted"] = pred.sigma.detach().mean()
         return metrics
+
+    def _mean_over_ranks(self, total: torch.Tensor) -> torch.Tensor:
+        """The plateau's window sum averaged over the ranks (each saw its own shard), so all drop together."""
+        return all_sum(total.to(self.dist.device)) / self.dist.world
 
     @torch.no_grad()
     def _respawn_strays(self) -> None:
@@ -299,9 +345,7 @@ class ReconstructTask(TaskKind):
             self._end_search(sigma)
         elif not searching and o.regrid_every and step > self.search_end and step % o.regrid_every == 0:
             self.regrid_moved = self.refinement.search_poses(self.particles, sigma, size, only_better=True)
-        kind = (
-            "likelihood" if self.config["train"]["loss"] == "likelihood" or searching else self.config["train"]["loss"]
-        )
+        kind = "likelihood" if searching else loss_kind(self.config)
         loss = self.refinement.loss(self.particles, sigma, size, kind, searching)
         optimiser_step(loss, self.refine_optimizer, weights=self.weights)
         self.step_done = step + 1
@@ -464,6 +508,8 @@ class ReconstructTask(TaskKind):
             "step_done": self.step_done,
             "respawned": self.respawned,
         }
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
         if self.refinement is not None:
             state["refinement"] = self.refinement.state()
             state["refine_optimizer"] = self.refine_optimizer.state_dict()
@@ -475,6 +521,8 @@ class ReconstructTask(TaskKind):
             self.points.copy_(state["points"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.plateau is not None and "plateau" in state:
+            self.plateau.load_state_dict(state["plateau"])
         self.step_done = state["step_done"]
         self.respawned = state.get("respawned", 0)
         if "refinement" in state:
@@ -527,6 +575,8 @@ class ReconstructTask(TaskKind):
         save_png(final_dir / "renders.png", grids["eval/inputs_vs_renders"], scale=3)
         save_png(final_dir / "views.png", grids["structure/views"], scale=2)
         metrics = self.evaluate()
+        if getattr(self.source, "test_size", 0):
+            metrics.update(self._test_metrics(store))
         if nm_per_unit is not None:
             metrics["nm_per_unit"] = float(nm_per_unit)
         halves = None
@@ -541,8 +591,21 @@ class ReconstructTask(TaskKind):
         metrics.update(write_final(final_dir, self, metrics, halves, units))
         return metrics
 
+    @torch.no_grad()
+    def _test_metrics(self, store) -> dict[str, float]:
+        """The simulated test set (data.simulate.test_size), scored once with the final network: test_loss and
+        the rotation errors as test_*; its poses go to outputs.zarr under test/."""
+        sigma = self.sigma()
+        batch = self.source.test_batch(sigma)
+        with evaluating(self.model):
+            pred, _, loss = self.model(batch["images"], sigma, batch)
+        store.write_array("test/rotations_pred", pred.rotations.cpu().numpy())
+        store.write_array("test/rotations_true", batch["rotations"].cpu().numpy())
+        errors = aligned_rotation_errors(pred.rotations, batch["rotations"], self.source.ground_truth.symmetry)
+        return {"test_loss": loss.item(), **{f"test_{k}": v for k, v in rotation_error_summary(errors).items()}}
+
     def data_report(self) -> list[str]:
-        return list(self.source.report_lines)
+        return list(self.source.report_lines) + self.init_lines
 
     def write_data_files(self, folder: Path) -> list[Path]:
         return self.source.write_report(folder)

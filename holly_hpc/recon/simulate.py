@@ -127,6 +127,10 @@ def load_structure(
 
 
 EVAL_STREAM = 2**31  # generator position of a held-out set: never reached by a training step
+TEST_STREAM = EVAL_STREAM + 1  # ... of the test set: disjoint from the training and validation draws
+DATASET_STREAM = 2**40  # ... of chunk c of a fixed training set (DATASET_STREAM + c)
+SHUFFLE_STREAM = 2**41  # ... of epoch e's order of a fixed training set (SHUFFLE_STREAM + e)
+DATASET_CHUNK = 1024  # items of a fixed set drawn per generator: item i depends on the seed and i alone
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
@@ -149,17 +153,32 @@ class LocalisationNoise:
 
     wobble: std of a Gaussian jitter of every point (image-frame units; the image spans [-1, 1]).
     dropout: probability that a point is missing (fluorophore never detected).
-    spawn: probability that a site has one extra fluorophore, `spawn_spread` away (Gaussian std).
+    spawn: probability of each of a site's `max_spawn` possible extra fluorophores (HOLLy's max_spawn), so a
+    site shows Binomial(max_spawn, spawn) extras; each lies `spawn_spread` away (Gaussian std, around the
+    wobbled site).
     """
 
     wobble: float = 0.0
     dropout: float = 0.0
     spawn: float = 0.0
     spawn_spread: float = 0.02
+    max_spawn: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_spawn, bool) or not isinstance(self.max_spawn, int) or self.max_spawn < 0:
+            raise ValueError(f"max_spawn must be a whole number >= 0, got {self.max_spawn!r}")
+
+    @property
+    def spawning(self) -> bool:
+        return self.spawn > 0 and self.max_spawn > 0
 
     @property
     def active(self) -> bool:
-        return self.wobble > 0 or self.dropout > 0 or self.spawn > 0
+        return self.wobble > 0 or self.dropout > 0 or self.spawning
+
+    def points_per_image(self, n: int) -> int:
+        """M, the points of every noisy copy of an n-point structure (the sites, then max_spawn slots each)."""
+        return n * (1 + self.max_spawn) if self.spawning else n
 
 
 def noisy_points(
@@ -168,7 +187,9 @@ def noisy_points(
     """Per-image copies of `points` (N, 3) with noise: points (B, M, 3) and blob weights (B, M) or None.
 
     Dropped points keep their place with weight 0 and spawned ones are appended with weight 0 or 1, so
-    every image of the batch has the same M and the whole batch renders in one call.
+    every image of the batch has the same M and the whole batch renders in one call. With K = max_spawn,
+    the extras are K blocks of N (extra k of site i at column N + k·N + i), all drawn in one call: for
+    K = 1 the draws are those of a single extra per site.
     """
     if not noise.active:
         return points, None
@@ -177,11 +198,94 @@ def noisy_points(
     if noise.wobble > 0:
         out = out + noise.wobble * torch.randn(batch, n, 3, generator=generator, dtype=points.dtype)
     weights = (torch.rand(batch, n, generator=generator) >= noise.dropout).to(points.dtype)
-    if noise.spawn > 0:
-        extra = out + noise.spawn_spread * torch.randn(batch, n, 3, generator=generator, dtype=points.dtype)
-        extra_weights = (torch.rand(batch, n, generator=generator) < noise.spawn).to(points.dtype)
+    if noise.spawning:
+        k = noise.max_spawn
+        sites = out.repeat(1, k, 1)  # (B, K·N, 3): K copies of the (wobbled) sites
+        extra = sites + noise.spawn_spread * torch.randn(batch, k * n, 3, generator=generator, dtype=points.dtype)
+        extra_weights = (torch.rand(batch, k * n, generator=generator) < noise.spawn).to(points.dtype)
         out, weights = torch.cat((out, extra), dim=1), torch.cat((weights, extra_weights), dim=1)
     return out, weights
+
+
+@dataclass(frozen=True)
+class SimulatedItems:
+    """Drawn images before rendering: poses and (with noise) each image's own points and blob weights."""
+
+    rotations: torch.Tensor  # (B, 3, 3)
+    translations: torch.Tensor  # (B, 2)
+    points: torch.Tensor  # (B, M, 3), or the structure's (N, 3) shared by all without noise
+    weights: torch.Tensor | None  # (B, M) or None
+
+    def __len__(self) -> int:
+        return self.rotations.shape[0]
+
+    def take(self, idx: torch.Tensor) -> SimulatedItems:
+        """The items `idx` (a 1-D index tensor), in that order."""
+        per_image = self.weights is not None
+        return SimulatedItems(
+            self.rotations[idx],
+            self.translations[idx],
+            self.points[idx] if per_image else self.points,
+            self.weights[idx] if per_image else None,
+        )
+
+
+def draw_items(
+    structure: Structure,
+    count: int,
+    max_translation: float,
+    generator: torch.Generator,
+    noise: LocalisationNoise | None = None,
+) -> SimulatedItems:
+    """`count` random poses (uniform on SO(3), translations uniform in ±max_translation) and noisy copies of
+    the structure, drawn on the CPU from `generator` in that order (what simulate_batch draws first)."""
+    rotations = random_rotations(count, generator)
+    translations = (torch.rand(count, 2, generator=generator) * 2 - 1) * max_translation
+    points, weights = noisy_points(structure.points, count, noise or LocalisationNoise(), generator)
+    return SimulatedItems(rotations, translations, points, weights)
+
+
+def fixed_items(
+    structure: Structure, count: int, max_translation: float, seed: int, noise: LocalisationNoise | None = None
+) -> SimulatedItems:
+    """A fixed training set of `count` items: chunks of DATASET_CHUNK drawn from generator positions
+    DATASET_STREAM + chunk, so item i is a function of the seed and i alone (a larger set only adds items)."""
+    chunks = [
+        draw_items(structure, DATASET_CHUNK, max_translation, batch_generator(seed, DATASET_STREAM + c), noise)
+        for c in range(-(-count // DATASET_CHUNK))
+    ]
+    per_image = bool(chunks) and chunks[0].weights is not None
+    return SimulatedItems(
+        torch.cat([c.rotations for c in chunks])[:count],
+        torch.cat([c.translations for c in chunks])[:count],
+        torch.cat([c.points for c in chunks])[:count] if per_image else structure.points,
+        torch.cat([c.weights for c in chunks])[:count] if per_image else None,
+    )
+
+
+def epoch_order(seed: int, epoch: int, count: int) -> torch.Tensor:
+    """The order (a permutation of range(count)) in which epoch `epoch` visits a fixed training set."""
+    return torch.randperm(count, generator=batch_generator(seed, SHUFFLE_STREAM + epoch))
+
+
+def render_items(
+    items: SimulatedItems,
+    image_size: int,
+    sigma_px: float | torch.Tensor,
+    device: torch.device,
+    spin_angles: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The images of `items` on `device`, batched; `spin_angles` (B,) spin each pose about the view axis
+    first (see simulate_batch), and the returned rotations include the spin."""
+    rotations = items.rotations
+    if spin_angles is not None:
+        rotations = in_plane_rotations(spin_angles) @ rotations
+    rotations, translations = rotations.to(device), items.translations.to(device)
+    points = items.points.to(device)
+    weights = None if items.weights is None else items.weights.to(device)
+    with torch.no_grad():
+        images = render_images(points, rotations, sigma_px, image_size, translations, weights)
+    return {"images": images, "rotations": rotations, "translations": translations}
 
 
 def simulate_batch(
@@ -204,13 +308,6 @@ def simulate_batch(
     axis, applied before rendering: no resampling, and the returned rotations include it. Its angles are
     drawn last, so the same (seed, step) gives the same poses and noise with or without it.
     """
-    rotations = random_rotations(batch_size, generator)
-    translations = (torch.rand(batch_size, 2, generator=generator) * 2 - 1) * max_translation
-    points, weights = noisy_points(structure.points, batch_size, noise or LocalisationNoise(), generator)
-    if spin:
-        rotations = in_plane_rotations(torch.rand(batch_size, generator=generator) * 2 * math.pi) @ rotations
-    rotations, translations, points = rotations.to(device), translations.to(device), points.to(device)
-    weights = None if weights is None else weights.to(device)
-    with torch.no_grad():
-        images = render_images(points, rotations, sigma_px, image_size, translations, weights)
-    return {"images": images, "rotations": rotations, "translations": translations}
+    items = draw_items(structure, batch_size, max_translation, generator, noise)
+    angles = torch.rand(batch_size, generator=generator) * 2 * math.pi if spin else None
+    return render_items(items, image_size, sigma_px, device, angles)

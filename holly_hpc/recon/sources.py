@@ -18,11 +18,16 @@ from .geometry import rotate_points
 from .render import render_images
 from .simulate import (
     EVAL_STREAM,
+    TEST_STREAM,
     LocalisationNoise,
+    SimulatedItems,
     Structure,
     batch_generator,
+    epoch_order,
+    fixed_items,
     in_plane_rotations,
     load_structure,
+    render_items,
     simulate_batch,
 )
 
@@ -49,11 +54,35 @@ class ImageSource(ABC):
 
 # ------------------------------------------------------------------------------------------ simulate
 class SimulatedSource(ImageSource):
+    """A known structure at random poses. data.simulate.dataset_size 0: an endless stream, every step's batch
+    drawn afresh from (seed, step); N > 0: a fixed set of N poses and noise draws (fixed by the seed), visited
+    in a new order every epoch (a pure function of seed and epoch, so a resumed run sees the same batches).
+    Either way the validation set (eval_batch) and the test set (test_batch, data.simulate.test_size) are
+    draws of their own generator streams, never training items."""
+
     def __init__(self, data: dict, seed: int, device: torch.device, base_dir: Path):
         sim = data["simulate"]
         self.ground_truth = load_structure(sim["structure"], sim["num_points"], sim["radius"], base_dir)
-        self.noise = LocalisationNoise(sim["wobble"], sim["dropout"], sim["spawn"], sim["spawn_spread"])
+        self.noise = LocalisationNoise(
+            sim["wobble"], sim["dropout"], sim["spawn"], sim["spawn_spread"], int(sim.get("max_spawn", 1))
+        )
         self.data, self.seed, self.device = data, seed, device
+        self.dataset_size = int(sim.get("dataset_size", 0) or 0)
+        self.validation_size = int(sim.get("validation_size", 0) or 0) or data["eval_size"]
+        self.test_size = int(sim.get("test_size", 0) or 0)
+        self.items: SimulatedItems | None = None
+        self._orders: dict[int, torch.Tensor] = {}  # epoch -> its order (a cache: the order is a pure function)
+        lines = []
+        if self.dataset_size:
+            self.items = fixed_items(self.ground_truth, self.dataset_size, data["max_translation"], seed, self.noise)
+            lines.append(
+                f"data: a fixed simulated set of {self.dataset_size} images (poses and noise fixed by seed {seed}), "
+                "in a new order every epoch"
+            )
+        if self.dataset_size or self.test_size:
+            held = f"data: {self.validation_size} simulated images held out for validation"
+            lines.append(held + (f", {self.test_size} for the test at the end" if self.test_size else ""))
+        self.report_lines = tuple(lines)
 
     def _batch(self, position: int, size: int, sigma: float, spin: bool = False) -> dict[str, torch.Tensor]:
         return simulate_batch(
@@ -68,11 +97,48 @@ class SimulatedSource(ImageSource):
             spin,
         )
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            if len(self._orders) >= 4:  # a batch spans at most a few epochs: keep the newest
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = epoch_order(self.seed, epoch, self.dataset_size)
+        return self._orders[epoch]
+
+    def train_items(self, step: int, batch_size: int) -> torch.Tensor:
+        """Indices (B,) of the fixed set's items in the batch of `step`: positions step·B … step·B + B - 1 of
+        the endless sequence of epochs, each epoch one permutation of the N items (so every N consecutive
+        positions from a multiple of N cover every item once; a batch may straddle two epochs)."""
+        if not self.dataset_size:
+            raise ValueError("train_items: data.simulate.dataset_size is 0 (an endless stream has no items)")
+        n = self.dataset_size
+        positions = step * batch_size + torch.arange(batch_size)
+        epochs, offsets = positions // n, positions % n
+        first = int(epochs[0])
+        orders = torch.stack([self._order(e) for e in range(first, int(epochs[-1]) + 1)])
+        return orders[epochs - first, offsets]
+
+    def epoch(self, step: int, batch_size: int) -> float:
+        """Epochs of the fixed set completed after `step` steps (0 for an endless stream)."""
+        return step * batch_size / self.dataset_size if self.dataset_size else 0.0
+
     def train_batch(self, step, batch_size, sigma):
-        return self._batch(step, batch_size, sigma, spin=self.data["augment_in_plane"])
+        if self.items is None:
+            return self._batch(step, batch_size, sigma, spin=self.data["augment_in_plane"])
+        items = self.items.take(self.train_items(step, batch_size))
+        angles = None
+        if self.data["augment_in_plane"]:  # a fresh spin each time an item is seen, from the step's generator
+            angles = torch.rand(batch_size, generator=batch_generator(self.seed, step)) * 2 * math.pi
+        return render_items(items, self.data["image_size"], sigma, self.device, angles)
 
     def eval_batch(self, sigma):
-        return self._batch(EVAL_STREAM, self.data["eval_size"], sigma)
+        return self._batch(EVAL_STREAM, self.validation_size, sigma)
+
+    def test_batch(self, sigma: float) -> dict[str, torch.Tensor]:
+        """The test set at `sigma` (the same images at every call): test_size draws of a stream of its own,
+        disjoint from the training items and the validation set."""
+        if not self.test_size:
+            raise ValueError("test_batch: data.simulate.test_size is 0 (no test set)")
+        return self._batch(TEST_STREAM, self.test_size, sigma)
 
 
 # ----------------------------------------------------------------------------------- image utilities
