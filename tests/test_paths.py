@@ -167,7 +167,10 @@ def test_missing_obj_gives_each_key_its_message(write_spec, tmp_path):
         f"but {missing} does not exist"
     ) in text
     text = _problems(lambda: _spec(tmp_path, name="init", model={"init": "missing.obj"}))
-    assert f"model.init: expected an existing OBJ file, 'cube' or 'gaussian', but {missing} does not exist" in text
+    assert (
+        f"model.init: expected an existing OBJ file, 'cube', 'gaussian' or 'poisson', but {missing} does not exist"
+        in text
+    )
 
 
 def test_one_point_obj_is_refused_alike_in_both_kinds(write_spec, tmp_path):
