@@ -344,7 +344,7 @@ class ReconstructTask(TaskKind):
         if not searching and not self.refinement.posed:
             self._end_search(sigma)
         elif not searching and o.regrid_every and step > self.search_end and step % o.regrid_every == 0:
-            self.regrid_moved = self.refinement.search_poses(self.particles, sigma, size, only_better=True)
+            self.refinement.search_poses(self.particles, sigma, size, only_better=True)
         kind = "likelihood" if searching else loss_kind(self.config)
         loss = self.refinement.loss(self.particles, sigma, size, kind, searching)
         optimiser_step(loss, self.refine_optimizer, weights=self.weights)
