@@ -86,14 +86,12 @@ def _inf_image():
     [
         (np.arange(1.0, 9.0), "expected a 2D image or a 3D stack, got 1D"),
         (np.ones((2, 2, 4, 4)), "expected a 2D image or a 3D stack, got 4D"),
-        (np.ones((8, 6)), "image is 8x6 .*expected a square image"),
-        (np.ones((3, 8, 6)), "image is 8x6"),
         (_nan_image(), "1 NaN or infinite pixel"),
         (_inf_image(), "1 NaN or infinite pixel"),
         (np.zeros((8, 8)), "empty \\(every pixel is zero\\)"),
         (np.zeros((4, 8, 8)), "empty"),
     ],
-    ids=["1d", "4d", "not-square", "cube-not-square", "nan", "inf", "all-zero", "all-zero-cube"],
+    ids=["1d", "4d", "nan", "inf", "all-zero", "all-zero-cube"],
 )
 def test_unusable_image_data_is_refused_naming_the_file(tmp_path, data, reason):
     path = _write(tmp_path / "bad.fits", data)
@@ -148,7 +146,7 @@ def test_list_fits_refuses_missing_and_fitsless_folders(tmp_path):
 
 def test_read_fits_folder_stacks_images_in_order(tmp_path):
     folder = _folder(tmp_path / "f", ["p0.fits", "p1.fits", "p2.fits"], size=8, seed=10)
-    stack = read_fits_folder(folder, expected_size=8)
+    stack = read_fits_folder(folder, expected_shape=(8, 8))
     assert stack.shape == (3, 8, 8) and stack.dtype == np.float32
     for i in range(3):
         np.testing.assert_array_equal(stack[i], _image(8, 10 + i))
@@ -158,14 +156,30 @@ def test_read_fits_folder_names_the_first_image_of_another_size(tmp_path):
     folder = _folder(tmp_path / "f", ["a.fits", "b.fits"], size=8)
     _write(folder / "c.fits", _image(16))
     _write(folder / "d.fits", _image(4))
-    with _raises(folder / "c.fits", "image is 16x16; expected 8x8 like a.fits"):
+    with _raises(folder / "c.fits", r"image is 16x16 \(height x width\); expected 8x8 like a.fits"):
         read_fits_folder(folder)
 
 
 def test_read_fits_folder_checks_the_expected_size(tmp_path):
     folder = _folder(tmp_path / "f", ["a.fits"], size=8)
-    with _raises(folder / "a.fits", "image is 8x8; expected 32x32"):
-        read_fits_folder(folder, expected_size=32)
+    with _raises(folder / "a.fits", r"image is 8x8 \(height x width\); expected 32x32"):
+        read_fits_folder(folder, expected_shape=(32, 32))
+
+
+def test_non_square_images_are_read_and_checked_as_height_by_width(tmp_path):
+    # HOLLy's --image-height/--image-width: non-square images are data, not errors.
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = [rng.random((8, 12)).astype(np.float32) + 0.1 for _ in range(2)]
+    for i, image in enumerate(images):
+        _write(folder / f"w{i}.fits", image)
+    _write(folder / "w2.fits", np.stack([images[0], images[1]]))  # a stack of 8x12 frames, summed
+    stack = read_fits_folder(folder, expected_shape=(8, 12))
+    assert stack.shape == (3, 8, 12)
+    np.testing.assert_allclose(stack[2], images[0] + images[1], rtol=1e-6)
+    with _raises(folder / "w0.fits", r"image is 8x12 \(height x width\); expected 12x8"):
+        read_fits_folder(folder, expected_shape=(12, 8))
 
 
 def test_read_fits_folder_passes_on_a_bad_image_by_name(tmp_path):

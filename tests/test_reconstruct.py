@@ -387,3 +387,47 @@ def test_reconstruct_with_several_hypotheses_trains_and_resumes_exactly(tmp_path
     assert a["net"]["rotation.weight"].shape == (18, 32)  # 3 hypotheses x 6D
     assert torch.equal(a["points"], b["points"])
     assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+
+
+def test_fits_augmentation_turns_non_square_images_about_their_centre_in_pixels():
+    # affine_grid works in ±1 of each side: a turn of a non-square image must scale by the aspect ratio,
+    # or the turned image is sheared. Rotating the rendered image must match rendering the spun pose.
+    from holly_hpc.recon.geometry import in_plane
+    from holly_hpc.recon.render import render_images
+
+    points = (torch.rand(30, 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.6
+    eye, angle = torch.eye(3)[None], torch.tensor([0.6])
+    for size in [(16, 24), (24, 16), 24]:
+        image = render_images(points, eye, 1.5, size)
+        spun = render_images(points, in_plane(angle) @ eye, 1.5, size)
+        turned = rotate_in_plane(image, angle)
+        assert turned.shape == image.shape
+        assert (turned - spun).abs().max() < 0.06 * spun.max()  # bilinear resampling error only
+
+
+def test_non_square_images_train_from_simulation_and_fits(tmp_path):
+    # HOLLy's --image-height/--image-width: data.image_size [height, width].
+    exp = _experiment(
+        tmp_path, name="wide", data={"image_size": [16, 24]}, train={"steps": 4, "checkpoint_every": 4, "log_every": 2}
+    )
+    result = run_task(exp, 0, out=io.StringIO())
+    assert result.completed and math.isfinite(result.final_metrics["structure_error"])
+    assert (exp.task_dir(0) / "final" / "renders.png").stat().st_size > 0
+    spec = _spec(tmp_path, name="wide-source", data={"image_size": [16, 24]})
+    source = make_source(expand(spec)[0].config["data"], 3, torch.device("cpu"), spec.base_dir)
+    assert source.train_batch(0, 5, 1.0)["images"].shape == (5, 16, 24)
+
+    images = torch.rand(20, 20, 12) + 0.01  # tall FITS images
+    _write_fits(tmp_path / "tall", images)
+    spec = _spec(tmp_path, name="tall", data={"source": "fits", "fits": {"folder": "tall"}, "image_size": [20, 12]})
+    source = make_source(expand(spec)[0].config["data"], 3, torch.device("cpu"), spec.base_dir)
+    assert source.train_batch(0, 5, 1.0)["images"].shape == (5, 20, 12)
+    with pytest.raises(ValueError, match=r"image is 20x12 \(height x width\); expected 12x20"):
+        make_source({**expand(spec)[0].config["data"], "image_size": [12, 20]}, 3, torch.device("cpu"), spec.base_dir)
+
+
+def test_non_square_image_size_is_refused_for_particles_naming_the_key(tmp_path):
+    with pytest.raises(SpecError, match=r"data.image_size: source localisations renders square images"):
+        _spec(tmp_path, data={"source": "localisations", "image_size": [32, 48], "localisations": {"path": "x.csv"}})
+    with pytest.raises(SpecError, match=r"data.image_size"):
+        _spec(tmp_path, name="three", data={"image_size": [16, 24, 3]})

@@ -38,6 +38,30 @@ def test_fast_matches_reference_float64(seed, size, n, sigma, batch):
     assert torch.allclose(fast, ref, atol=1e-12, rtol=1e-10)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    height=st.integers(8, 40),
+    width=st.integers(8, 40),
+    n=st.integers(1, 30),
+    sigma=st.floats(0.5, 4.0),
+)
+def test_non_square_fast_matches_reference_and_widens_the_square_frame(seed, height, width, n, sigma):
+    points, rotations, translations = _scene(seed, 2, n, torch.float64)
+    fast = render_images(points, rotations, sigma, (height, width), translations)
+    ref = render_images_reference(points, rotations, sigma, [height, width], translations)
+    assert fast.shape == (2, height, width)
+    assert torch.allclose(fast, ref, atol=1e-12, rtol=1e-10)
+    # Pixels are square and [-1, 1] spans the shorter side: the image is the square one of that side with
+    # extra columns (or rows) of field of view, the central ones equal to it where the sides differ by an
+    # even number of pixels.
+    short = min(height, width)
+    if (height - width) % 2 == 0:
+        square = render_images(points, rotations, sigma, short, translations)
+        top, left = (height - short) // 2, (width - short) // 2
+        assert torch.allclose(fast[:, top : top + short, left : left + short], square, atol=1e-12)
+
+
 def test_fast_matches_reference_float32_to_1e5():
     points, rotations, translations = _scene(3, 8, 200, torch.float32)
     sigma = torch.tensor([0.8, 1.0, 1.5, 2.0, 2.5, 3.0, 1.2, 0.6])  # one sigma per image

@@ -43,9 +43,6 @@ def read_fits_image(path: str | Path) -> np.ndarray:
     image = data.astype(np.float64).sum(axis=0) if data.ndim == 3 else data
     with np.errstate(over="ignore"):  # a sum too large for float32 becomes inf, refused below
         image = np.asarray(image, dtype=np.float32)
-    height, width = image.shape
-    if height != width:
-        raise ImageFormatError(f"{path}: image is {height}x{width} (height x width); expected a square image")
     if not np.all(np.isfinite(image)):
         bad = int(np.count_nonzero(~np.isfinite(image)))
         raise ImageFormatError(f"{path}: image has {bad} NaN or infinite pixel(s)")
@@ -65,17 +62,21 @@ def list_fits(folder: str | Path) -> list[Path]:
     return sorted(files, key=_natural_key)
 
 
-def read_fits_folder(folder: str | Path, expected_size: int | None = None) -> np.ndarray:
-    """Every image of a folder as a float32 (N, S, S) array, in `list_fits` order; all of one size S."""
+def read_fits_folder(folder: str | Path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Every image of a folder as a float32 (N, H, W) array, in `list_fits` order; all of one shape (height,
+    width), `expected_shape` where given."""
     paths = list_fits(folder)
     images = [read_fits_image(path) for path in paths]
-    ref = images[0].shape[0] if expected_size is None else expected_size
-    why = f" like {paths[0].name}, the first image of the folder" if expected_size is None else ""
+    ref = images[0].shape if expected_shape is None else tuple(expected_shape)
+    why = f" like {paths[0].name}, the first image of the folder" if expected_shape is None else ""
     for path, image in zip(paths, images, strict=True):
-        size = image.shape[0]
-        if size != ref:
-            raise ImageFormatError(f"{path}: image is {size}x{size}; expected {ref}x{ref}{why}")
+        if image.shape != ref:
+            raise ImageFormatError(f"{path}: image is {_hw(image.shape)} (height x width); expected {_hw(ref)}{why}")
     return np.stack(images)
+
+
+def _hw(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape)
 
 
 def read_fits_folders_by_sigma(folders: dict[float, str | Path]) -> dict[float, np.ndarray]:
@@ -104,13 +105,13 @@ def read_fits_folders_by_sigma(folders: dict[float, str | Path]) -> dict[float, 
                 f"{where} hold different file names: first mismatch {mismatch[0]!r} vs {mismatch[1]!r}"
             )
     stacks = {sigma: read_fits_folder(folders[sigma]) for sigma in sigmas}
-    ref_size = stacks[ref_sigma].shape[1]
+    ref_shape = stacks[ref_sigma].shape[1:]
     for sigma in sigmas[1:]:
-        size = stacks[sigma].shape[1]
-        if size != ref_size:
+        shape = stacks[sigma].shape[1:]
+        if shape != ref_shape:
             raise ImageFormatError(
-                f"{folders[sigma]} (sigma {sigma}): images are {size}x{size}, but those of "
-                f"{ref_folder} (sigma {ref_sigma}) are {ref_size}x{ref_size}"
+                f"{folders[sigma]} (sigma {sigma}): images are {_hw(shape)}, but those of "
+                f"{ref_folder} (sigma {ref_sigma}) are {_hw(ref_shape)}"
             )
     return stacks
 

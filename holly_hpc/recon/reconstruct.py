@@ -27,7 +27,7 @@ from .losses import best_of_hypotheses
 from .metrics import aligned_rotation_errors, rotation_error_summary, structure_error
 from .posenet import PoseNet
 from .refine import BOUND, Particles, Refinement, RefineOptions, bound_penalty, reset_rows
-from .render import render_images
+from .render import frame_pixels, render_images
 from .schedules import PlateauSchedule
 from .simulate import BUILTIN_SHAPES, structure_problem
 from .sources import make_source
@@ -126,7 +126,7 @@ class ReconstructModel(nn.Module):
     `points` is the asymmetric unit: the structure is expand(points, symmetry) (the unit itself for none)."""
 
     def __init__(
-        self, net: PoseNet, points: torch.Tensor, image_size: int, loss: str, normalise: bool, symmetry: str = "none"
+        self, net: PoseNet, points: torch.Tensor, image_size, loss: str, normalise: bool, symmetry: str = "none"
     ):
         super().__init__()
         self.net, self.points, self.image_size = net, nn.Parameter(points), image_size
@@ -168,7 +168,7 @@ class ReconstructModel(nn.Module):
             repeat(pred.translations),
             repeat(batch["locs"]),
             repeat(batch["mask"]),
-            sigma * 2 / self.image_size,
+            sigma * 2 / frame_pixels(self.image_size),
             repeat(batch.get("precision")),
         ).reshape(b, k)
         choice = nll.detach().argmin(dim=1)
@@ -200,6 +200,8 @@ class ReconstructTask(TaskKind):
             for key, folder in folders.items():
                 problems += _check_path(("data", "fits", *key), folder, base_dir, "folder of FITS images")
         elif source == "localisations":
+            if not isinstance(data["image_size"], int):  # particles are round: the refinement's grids are square
+                problems.append((("data", "image_size"), "source localisations renders square images: give one number"))
             path = data["localisations"].get("path")
             if not path:
                 problems.append((("data", "localisations"), "'path' is required with source: localisations"))
@@ -329,7 +331,9 @@ class ReconstructTask(TaskKind):
             return
         g = torch.Generator().manual_seed(self.config["seed"] * 7919 + self.step_done)
         donors = inside[torch.randint(len(inside), (int(stray.sum()),), generator=g).to(inside.device)]
-        jitter = torch.randn(len(donors), 3, generator=g).to(points) * (2.0 / self.config["data"]["image_size"])
+        jitter = torch.randn(len(donors), 3, generator=g).to(points) * (
+            2.0 / frame_pixels(self.config["data"]["image_size"])
+        )
         points[stray] = (points[donors] + jitter).clamp(-BOUND, BOUND)
         reset_rows(self.optimizer, points, stray)
         self.respawned += int(stray.sum())
@@ -496,7 +500,7 @@ class ReconstructTask(TaskKind):
         grid = caption_grid(image_rows([to_unit_range(rendered)]), col_labels=labels)
         if self.source.nm_per_unit is not None:
             return add_scale_bar(grid, 2 * self.source.nm_per_unit / VIEW_SIZE, "nm", at=(2, VIEW_SIZE))
-        return add_scale_bar(grid, self.config["data"]["image_size"] / VIEW_SIZE, "px", at=(2, VIEW_SIZE))
+        return add_scale_bar(grid, frame_pixels(self.config["data"]["image_size"]) / VIEW_SIZE, "px", at=(2, VIEW_SIZE))
 
     # ------------------------------------------------------------------ state and outputs
     def state_dict(self) -> dict[str, Any]:

@@ -18,16 +18,35 @@ Two implementations that must agree (tests/test_render.py):
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .geometry import rotate_points
 
 
-def pixel_centres(size: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centres of the pixel columns (x, increasing) and rows (y, decreasing from the top) in [-1, 1]."""
-    c = (2 * torch.arange(size, device=device, dtype=dtype) + 1) / size - 1
-    return c, -c
+def frame_shape(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a data.image_size: one number for a square image, or [height, width]."""
+    if isinstance(size, numbers.Integral):
+        return int(size), int(size)
+    height, width = size
+    return int(height), int(width)
+
+
+def frame_pixels(size: int | tuple[int, int] | list[int]) -> int:
+    """Pixels across the image frame's [-1, 1]: the shorter side. Pixels are square, so a longer side sees
+    beyond ±1 (more field of view) and every point within ±1 is in every image, whatever its shape."""
+    return min(frame_shape(size))
+
+
+def pixel_centres(size, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres of the pixel columns (x, increasing) and rows (y, decreasing from the top) in frame units:
+    ±1 at the edges of the shorter side."""
+    height, width = frame_shape(size)
+    unit = frame_pixels(size)
+    cx = (2 * torch.arange(width, device=device, dtype=dtype) + 1 - width) / unit
+    cy = (2 * torch.arange(height, device=device, dtype=dtype) + 1 - height) / unit
+    return cx, -cy
 
 
 def project(points: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor | None) -> torch.Tensor:
@@ -38,10 +57,10 @@ def project(points: torch.Tensor, rotations: torch.Tensor, translations: torch.T
     return xy
 
 
-def _sigma_world(sigma_px: torch.Tensor | float, batch: int, size: int, like: torch.Tensor) -> torch.Tensor:
+def _sigma_world(sigma_px: torch.Tensor | float, batch: int, size, like: torch.Tensor) -> torch.Tensor:
     """Sigma in pixels -> image-frame units: a scalar or (B,) gives (B, 1, 1); (B, N), one sigma per blob (a
     localisation's own precision), gives (B, N, 1)."""
-    s = torch.as_tensor(sigma_px, dtype=like.dtype, device=like.device) * (2.0 / size)
+    s = torch.as_tensor(sigma_px, dtype=like.dtype, device=like.device) * (2.0 / frame_pixels(size))
     if s.dim() == 2:
         return s.expand(batch, like.shape[1])[..., None]
     return s.expand(batch).reshape(batch, 1, 1)
@@ -51,11 +70,11 @@ def render_images(
     points: torch.Tensor,
     rotations: torch.Tensor,
     sigma_px: torch.Tensor | float,
-    size: int,
+    size: int | tuple[int, int],
     translations: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Render (B, size, size) images of `points` seen at `rotations` (fast separable path).
+    """Render (B, H, W) images of `points` seen at `rotations` (fast separable path); size is S or (H, W).
 
     sigma_px: one blur for all (a number), one per image (B,), or one per blob (B, N) pixels.
     weights (B, N), optional: each blob's mass (0 drops a point from that image, as a missed fluorophore).
@@ -65,7 +84,7 @@ def render_images(
     s = _sigma_world(sigma_px, batch, size, xy)
     cx, cy = pixel_centres(size, device=xy.device, dtype=xy.dtype)
     # Each 1D factor carries 1/(sqrt(2 pi) sigma_px) so the 2D blob integrates to one pixel-unit mass.
-    norm = 1.0 / (math.sqrt(2 * math.pi) * s * (size / 2.0))
+    norm = 1.0 / (math.sqrt(2 * math.pi) * s * (frame_pixels(size) / 2.0))
     gx = _gaussian_factor((xy[..., 0:1] - cx) / s) * norm  # (B, N, W)
     gy = _gaussian_factor((xy[..., 1:2] - cy) / s) * norm  # (B, N, H)
     if weights is not None:
@@ -87,7 +106,7 @@ def render_images_reference(
     points: torch.Tensor,
     rotations: torch.Tensor,
     sigma_px: torch.Tensor | float,
-    size: int,
+    size: int | tuple[int, int],
     translations: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -98,7 +117,7 @@ def render_images_reference(
     cx, cy = pixel_centres(size, device=xy.device, dtype=xy.dtype)
     dx = xy[..., 0][:, :, None, None] - cx[None, None, None, :]  # (B, N, 1, W)
     dy = xy[..., 1][:, :, None, None] - cy[None, None, :, None]  # (B, N, H, 1)
-    sigma_pixels = s * (size / 2.0)
+    sigma_pixels = s * (frame_pixels(size) / 2.0)
     blobs = torch.exp(-(dx**2 + dy**2) / (2 * s**2)) / (2 * math.pi * sigma_pixels**2)
     if weights is not None:
         blobs = blobs * weights[:, :, None, None]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..io import resolve_path
 from .geometry import rotate_points
-from .render import render_images
+from .render import frame_pixels, frame_shape, render_images
 from .simulate import (
     EVAL_STREAM,
     TEST_STREAM,
@@ -143,7 +143,7 @@ class SimulatedSource(ImageSource):
 
 # ----------------------------------------------------------------------------------- image utilities
 def gaussian_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Blur (B, S, S) images with a normalised Gaussian (separable, ±4 sigma, zero padding)."""
+    """Blur (B, H, W) images with a normalised Gaussian (separable, ±4 sigma, zero padding)."""
     if sigma_px <= 0:
         return images
     radius = max(1, math.ceil(4 * sigma_px))
@@ -156,10 +156,15 @@ def gaussian_blur(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
 
 
 def rotate_in_plane(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, S) images about their centres by `angles` (radians), bilinear, zeros outside."""
+    """Rotate (B, H, W) images about their centres by `angles` (radians), bilinear, zeros outside."""
     cos, sin = torch.cos(angles), torch.sin(angles)
     zero = torch.zeros_like(cos)
-    theta = torch.stack((torch.stack((cos, -sin, zero), -1), torch.stack((sin, cos, zero), -1)), 1)
+    # affine_grid's x and y run over ±1 of the width and of the height: for a non-square image a turn in
+    # pixels is a turn with its off-diagonal terms scaled by the aspect ratio.
+    height, width = images.shape[1:]
+    theta = torch.stack(
+        (torch.stack((cos, -sin * height / width, zero), -1), torch.stack((sin * width / height, cos, zero), -1)), 1
+    )
     grid = F.affine_grid(theta.to(images.dtype), (images.shape[0], 1, *images.shape[1:]), align_corners=False)
     return F.grid_sample(images[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
@@ -184,19 +189,20 @@ class FitsSource(ImageSource):
     def __init__(self, data: dict, seed: int, device: torch.device, base_dir: Path):
         from ..io.fits import read_fits_folder, read_fits_folders_by_sigma
 
-        cfg, size = data["fits"], data["image_size"]
+        cfg, shape = data["fits"], frame_shape(data["image_size"])
         if cfg.get("folder"):
             self.by_sigma = None
-            stack = torch.from_numpy(read_fits_folder(resolve_path(cfg["folder"], base_dir), expected_size=size))
+            stack = torch.from_numpy(read_fits_folder(resolve_path(cfg["folder"], base_dir), expected_shape=shape))
             self.images = {0.0: stack.to(device)}
         else:
             stacks = read_fits_folders_by_sigma(
                 {float(k): resolve_path(v, base_dir) for k, v in cfg["folders"].items()}
             )
             for sigma, stack in stacks.items():
-                if stack.shape[-1] != size:
+                if tuple(stack.shape[1:]) != shape:
                     raise ValueError(
-                        f"FITS folder for sigma {sigma}: images are {stack.shape[-1]}², data.image_size is {size}"
+                        f"FITS folder for sigma {sigma}: images are {stack.shape[1]}x{stack.shape[2]} (height x "
+                        f"width), data.image_size is {shape[0]}x{shape[1]}"
                     )
             self.images = {s: torch.from_numpy(v).to(device) for s, v in stacks.items()}
             self.by_sigma = sorted(self.images)
@@ -208,7 +214,7 @@ class FitsSource(ImageSource):
             else ""
         )
         self.report_lines = (
-            f"data: {n} FITS images of {size} px: {self.n_train} for training, {self.n_eval} held out{capped}",
+            f"data: {n} FITS images of {shape[0]}x{shape[1]} px: {self.n_train} for training, {self.n_eval} held out{capped}",
         )
         self.data, self.seed = data, seed
 
@@ -249,7 +255,7 @@ class LocalisationSource(ImageSource):
         points = torch.zeros(len(particles), longest, 3)
         weights = torch.zeros(len(particles), longest)
         # nm -> image frame ([-1, 1] spans image_size pixels); 2D tables get z = 0.
-        self.nm_per_unit = cfg["pixel_size_nm"] * data["image_size"] / 2
+        self.nm_per_unit = cfg["pixel_size_nm"] * frame_pixels(data["image_size"]) / 2
         for i, p in enumerate(particles):
             points[i, : len(p), : p.shape[1]] = p / self.nm_per_unit
             weights[i, : len(p)] = 1.0
@@ -282,7 +288,7 @@ class LocalisationSource(ImageSource):
         (a precise localisation is drawn sharp), or the curriculum's alone without a precision column."""
         if self.precision is None:
             return sigma
-        precision_px = self.precision[idx] * (self.data["image_size"] / 2)
+        precision_px = self.precision[idx] * (frame_pixels(self.data["image_size"]) / 2)
         return (sigma * sigma + precision_px.pow(2)).sqrt()
 
     def _batch(self, idx: torch.Tensor, angles: torch.Tensor, sigma: float) -> dict[str, torch.Tensor]:
