@@ -72,6 +72,33 @@ def _initial_rotations(n_random: int, generator: torch.Generator, dtype) -> tupl
     return inits, torch.linalg.det(inits) < 0
 
 
+def _icp(
+    src: torch.Tensor, dst: torch.Tensor, inits: torch.Tensor, improper: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ICP from every start (K, 3, 3) at once: nearest-neighbour matching and Umeyama's closed form.
+    Returns the moved sources (K, N, 3) and each start's final rotation part (K, 3, 3)."""
+    src_c, dst_c = src - src.mean(0), dst - dst.mean(0)
+    scale0 = dst_c.norm(dim=1).pow(2).mean().sqrt() / src_c.norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+    k = inits.shape[0]
+    moved = scale0 * src_c.expand(k, -1, -1) @ inits.transpose(1, 2) + dst.mean(0)
+    targets = dst.expand(k, -1, -1)
+    rot = inits
+    for _ in range(iterations):
+        nearest = torch.cdist(moved, targets).argmin(dim=-1)  # (K, N)
+        matched = torch.gather(targets, 1, nearest[..., None].expand(-1, -1, 3))
+        rot, scale, t = _umeyama(src.expand(k, -1, -1), matched, improper)
+        moved = scale[:, None, None] * (src.expand(k, -1, -1) @ rot.transpose(1, 2)) + t
+    return moved, rot
+
+
+def _starts(src: torch.Tensor, dst: torch.Tensor, n_random: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Principal axes of each cloud, so the sign-flip starts are relative to the shapes' own frames.
+    _, _, v_src = torch.linalg.svd(src - src.mean(0), full_matrices=False)
+    _, _, v_dst = torch.linalg.svd(dst - dst.mean(0), full_matrices=False)
+    inits, improper = _initial_rotations(n_random, torch.Generator().manual_seed(seed), src.dtype)
+    return torch.cat([v_dst.T @ inits[:8] @ v_src, inits[8:]]), improper
+
+
 def align_similarity(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -87,25 +114,33 @@ def align_similarity(
     """
     src = source.detach().double().cpu()
     dst = target.detach().double().cpu()
-    src_c, dst_c = src - src.mean(0), dst - dst.mean(0)
-    # Principal axes of each cloud, so the sign-flip starts are relative to the shapes' own frames.
-    _, _, v_src = torch.linalg.svd(src_c, full_matrices=False)
-    _, _, v_dst = torch.linalg.svd(dst_c, full_matrices=False)
-    inits, improper = _initial_rotations(n_random, torch.Generator().manual_seed(seed), src.dtype)
-    inits = torch.cat([v_dst.T @ inits[:8] @ v_src, inits[8:]])
+    inits, improper = _starts(src, dst, n_random, seed)
     if not allow_mirror:
         inits, improper = inits[~improper], improper[~improper]
-    scale0 = dst_c.norm(dim=1).pow(2).mean().sqrt() / src_c.norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
-    k = inits.shape[0]
-    moved = scale0 * src_c.expand(k, -1, -1) @ inits.transpose(1, 2) + dst.mean(0)
-    targets = dst.expand(k, -1, -1)
-    for _ in range(iterations):
-        nearest = torch.cdist(moved, targets).argmin(dim=-1)  # (K, N)
-        matched = torch.gather(targets, 1, nearest[..., None].expand(-1, -1, 3))
-        rot, scale, t = _umeyama(src.expand(k, -1, -1), matched, improper)
-        moved = scale[:, None, None] * (src.expand(k, -1, -1) @ rot.transpose(1, 2)) + t
-    best = chamfer(moved, targets).argmin()
+    moved, _ = _icp(src, dst, inits, improper, iterations)
+    best = chamfer(moved, dst.expand(len(moved), -1, -1)).argmin()
     return moved[best].to(source.dtype)
+
+
+def self_mirror(points: torch.Tensor, tolerance: float = 0.25, n_random: int = 24) -> torch.Tensor | None:
+    """The improper orthogonal map Q (a mirror plane, an inversion or a rotoreflection, about the centroid)
+    that takes the cloud onto itself, or None: Q is accepted where the Chamfer distance of Q·S to S is under
+    `tolerance` of the mean nearest-neighbour spacing, i.e. the points pair up (a mesh's vertices, a shape
+    built symmetric); a random sample of a symmetric surface does not, and is not claimed.
+
+    A structure with one has two poses for every image: at rotation R and at M·R·Q (M the depth mirror)
+    it projects to the same picture, since P·M = P for the orthographic projection P and Q·S = S. A
+    teapot (a mirror plane through spout and handle) is such a shape; no method can tell those poses apart.
+    """
+    pts = points.detach().double().cpu()
+    pts = pts - pts.mean(0)
+    inits, improper = _starts(pts, pts, n_random, seed=1)
+    inits, improper = inits[improper], improper[improper]
+    moved, rot = _icp(pts, pts, inits, improper, iterations=30)
+    errors = chamfer(moved, pts.expand(len(moved), -1, -1))
+    gaps = torch.cdist(pts, pts).fill_diagonal_(float("inf")).min(dim=1).values.mean()
+    best = errors.argmin()
+    return rot[best] if float(errors[best]) <= tolerance * float(gaps) else None
 
 
 def structure_error(learned: torch.Tensor, truth: torch.Tensor, allow_mirror: bool = True) -> float:
@@ -123,16 +158,30 @@ def _project_orthogonal(m: torch.Tensor, proper: bool) -> torch.Tensor:
     return u @ torch.diag(d) @ vh
 
 
-def aligned_rotation_errors(r_pred: torch.Tensor, r_true: torch.Tensor, symmetry: str) -> torch.Tensor:
+def aligned_rotation_errors(
+    r_pred: torch.Tensor, r_true: torch.Tensor, symmetry: str, mirror_of_truth: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-image rotation errors (degrees) of poses predicted against a *learned* structure.
 
     The learned structure sits in a frame of its own, possibly mirrored, so the predictions equal the truth
     only up to one global transform G: r_pred ≈ r_true·G, or r_pred ≈ M·r_true·G' with M the depth mirror
     and G' improper (the mirrored reconstruction). Both are fitted in closed form and the better one is kept.
     For an axially symmetric truth only the axis is defined: its direction in the learned frame is fitted.
+    `mirror_of_truth` (self_mirror of the true structure): each image is also allowed the pose that gives
+    the same picture (aligned_rotation_fit).
     """
+    return aligned_rotation_fit(r_pred, r_true, symmetry, mirror_of_truth)[0]
+
+
+def aligned_rotation_fit(
+    r_pred: torch.Tensor, r_true: torch.Tensor, symmetry: str, mirror_of_truth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(errors in degrees, flipped) per image: see aligned_rotation_errors. Where the truth has a mirror Q,
+    each image's true pose is R or its image-equivalent M·R·Q (flipped: True), whichever the global fit
+    matches better; G is refitted to the chosen poses until the choice settles."""
     rp, rt = r_pred.detach().double().cpu(), r_true.detach().double().cpu()
     mirror = DEPTH_MIRROR.double()
+    none = torch.zeros(len(rp), dtype=torch.bool)
     if symmetry == "axial":
         z = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
         targets = rt @ z  # true axes in the camera frame
@@ -144,13 +193,28 @@ def aligned_rotation_errors(r_pred: torch.Tensor, r_true: torch.Tensor, symmetry
                 targets = torch.where(use_mirror[:, None], (rt @ z) @ mirror, rt @ z)
             local = (rp.transpose(1, 2) @ targets[..., None])[..., 0]  # true axis in the learned frame
             axis = torch.linalg.eigh(local.T @ local).eigenvectors[:, -1]
-        return axial_error_deg(rp, rt, pred_axis=axis).float()
+        return axial_error_deg(rp, rt, pred_axis=axis).float(), none
     if symmetry != "none":
         raise ValueError(f"unknown symmetry {symmetry!r}")
-    g = _project_orthogonal((rt.transpose(1, 2) @ rp).sum(0), proper=True)
-    direct = geodesic_angle_deg(rp, rt @ g)
-    mirrored_truth = mirror @ rt
-    g_m = _project_orthogonal((mirrored_truth.transpose(1, 2) @ rp).sum(0), proper=False)
-    mirrored = geodesic_angle_deg(rp, mirrored_truth @ g_m)
-    best = direct if direct.median() <= mirrored.median() else mirrored
-    return best.float()
+    q = None if mirror_of_truth is None else mirror_of_truth.detach().double().cpu()
+    best = None
+    # The direct branch (G proper) and the mirrored reconstruction (M·R, G' improper); the flipped pose of
+    # each is M·R·Q and R·Q.
+    for base, proper in ((rt, True), (mirror @ rt, False)):
+        alt = None if q is None else (mirror @ base) @ q
+        flipped = none
+        for _ in range(10):
+            chosen = base if alt is None else torch.where(flipped[:, None, None], alt, base)
+            g = _project_orthogonal((chosen.transpose(1, 2) @ rp).sum(0), proper=proper)
+            errors = geodesic_angle_deg(rp, base @ g)
+            if alt is None:
+                break
+            errors_alt = geodesic_angle_deg(rp, alt @ g)
+            now = errors_alt < errors
+            errors = torch.minimum(errors, errors_alt)
+            if torch.equal(now, flipped):
+                break
+            flipped = now
+        if best is None or errors.median() < best[0].median():
+            best = (errors, flipped)
+    return best[0].float(), best[1]

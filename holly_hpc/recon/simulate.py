@@ -64,12 +64,38 @@ def asymmetric_points(num_points: int) -> torch.Tensor:
     return centres[which] + widths[which, None] * torch.randn(num_points, 3, generator=g, dtype=torch.float64)
 
 
+def teapot_points(num_points: int) -> torch.Tensor:
+    """A teapot-like cloud (HOLLy's test shape, without its OBJ): a squat body, a spout rising on +x, a
+    handle loop on -x and a knob on the lid. One mirror plane (y = 0, through spout and handle), exactly:
+    half the points are the other half's mirror images, so every image has two poses (metrics.self_mirror)."""
+    g = torch.Generator().manual_seed(4321)
+    half = (num_points + 1) // 2
+    share = torch.tensor([0.55, 0.2, 0.18, 0.07])  # body, spout, handle, knob
+    which = torch.multinomial(share, half, replacement=True, generator=g)
+    u = torch.rand(half, 2, generator=g, dtype=torch.float64)
+    theta, phi = 2 * math.pi * u[:, 0], torch.acos(1 - 2 * u[:, 1])
+    body = torch.stack((0.6 * torch.sin(phi) * torch.cos(theta), 0.6 * torch.sin(phi) * torch.sin(theta),
+                        0.42 * torch.cos(phi)), -1)  # fmt: skip
+    t = u[:, 0]  # along the spout (from the body's side up and out) and around the handle
+    ring = 0.05 * torch.stack((torch.cos(theta), torch.sin(theta)), -1)
+    spout = torch.stack((0.5 + 0.45 * t + ring[:, 0], ring[:, 1], -0.1 + 0.45 * t), -1)
+    arc = math.pi * (t - 0.5)
+    handle = torch.stack((-0.6 - 0.28 * torch.cos(arc) + ring[:, 0], ring[:, 1], 0.28 * torch.sin(arc)), -1)
+    knob = torch.stack((0.08 * torch.sin(phi) * torch.cos(theta), 0.08 * torch.sin(phi) * torch.sin(theta),
+                        0.5 + 0.06 * torch.cos(phi)), -1)  # fmt: skip
+    parts = torch.stack((body, spout, handle, knob))  # (4, half, 3)
+    points = parts[which, torch.arange(half)]
+    mirrored = points * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    return torch.cat((points, mirrored))[:num_points]
+
+
 # Built-in shapes: their points, and the symmetry their rotation error is measured modulo (geometry.py).
 BUILTIN_SHAPES = {
     "torus": (torus_points, "axial"),
     "npc": (nuclear_pore_points, "none"),
     "tetrahedron": (tetrahedron_points, "none"),
     "asymmetric": (asymmetric_points, "none"),
+    "teapot": (teapot_points, "none"),
 }
 BUILTIN_SYMMETRY = {name: sym for name, (_, sym) in BUILTIN_SHAPES.items()}
 
