@@ -23,7 +23,7 @@ from holly_hpc.sweep import expand
 
 from .test_reconstruct import _spec, _write_fits
 
-SHAPES = "torus, npc, tetrahedron, asymmetric"
+SHAPES = "torus, npc, tetrahedron, asymmetric, teapot"
 CPU = torch.device("cpu")
 
 

@@ -127,7 +127,7 @@ def test_missing_obj_structure_is_a_semantic_error(write_spec, tmp_path):
     path = write_spec({"data": {"structure": "shapes/missing.obj"}})
     (line,) = problems_of(path)
     assert (
-        f"data.structure: expected a built-in shape (torus, npc, tetrahedron, asymmetric) or an existing OBJ file, but {tmp_path}/shapes/missing.obj does not exist"
+        f"data.structure: expected a built-in shape (torus, npc, tetrahedron, asymmetric, teapot) or an existing OBJ file, but {tmp_path}/shapes/missing.obj does not exist"
         in line
     )
 
