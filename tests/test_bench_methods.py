@@ -9,7 +9,7 @@ import json
 def test_bench_methods_runs_the_spec_per_method_and_tabulates(cli, tmp_path):
     code, out, err = cli(
         "bench", "methods", "--methods", "refine-C8", "--settings", "storm", "--steps", "4",
-        "--out", tmp_path / "runs", "--json", tmp_path / "rows.json",
+        "--seed", "7", "--out", tmp_path / "runs", "--json", tmp_path / "rows.json",
     )  # fmt: skip
     assert code == 0, err
     (row,) = json.loads((tmp_path / "rows.json").read_text())
@@ -20,4 +20,4 @@ def test_bench_methods_runs_the_spec_per_method_and_tabulates(cli, tmp_path):
     assert "FSC nm" in header and "| storm | refine-C8 |" in line
     assert "running storm / refine-C8" in err
     spec = (tmp_path / "runs" / "bench-storm-refine-C8.yaml").read_text()
-    assert "nup107/storm/particles.csv" in spec and "symmetry: C8" in spec
+    assert "nup107/storm/particles.csv" in spec and "symmetry: C8" in spec and "seed: 7\n" in spec

@@ -51,7 +51,7 @@ def _set(doc: dict, dotted: str, value) -> None:
     doc[last] = value
 
 
-def spec_for(method: str, setting: str, steps: int | None, out: Path) -> Path:
+def spec_for(method: str, setting: str, steps: int | None, out: Path, seed: int | None = None) -> Path:
     """The shipped spec with the method's and the setting's changes, written next to the outputs."""
     doc = yaml.safe_load(SPEC.read_text())
     folder = SPEC.parent / SETTINGS[setting]
@@ -64,6 +64,8 @@ def spec_for(method: str, setting: str, steps: int | None, out: Path) -> Path:
         doc["train"]["steps"] = steps
         doc["train"]["checkpoint_every"] = steps
         doc["train"]["log_every"] = min(doc["train"]["log_every"], steps)
+    if seed is not None:
+        doc["seed"] = seed
     doc["experiment"] = f"bench-{setting}-{method}".replace("+", "-")
     doc["output_root"] = str(out)
     doc["device"] = "cpu"
@@ -72,13 +74,13 @@ def spec_for(method: str, setting: str, steps: int | None, out: Path) -> Path:
     return path
 
 
-def run_one(method: str, setting: str, steps: int | None, out: Path) -> dict:
+def run_one(method: str, setting: str, steps: int | None, out: Path, seed: int | None = None) -> dict:
     from ..experiment import freeze
     from ..runtime.task import run_task
     from ..spec import load_spec
     from ..sweep import expand
 
-    spec = load_spec(spec_for(method, setting, steps, out))
+    spec = load_spec(spec_for(method, setting, steps, out, seed))
     experiment = freeze(spec, expand(spec), out, f"sqlite:///{out / 'registry.sqlite'}")
     cpu, wall = time.process_time(), time.perf_counter()
     result = run_task(experiment, 0, out=io.StringIO())
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--steps", type=int, default=None, help="train.steps of every run (default: the spec's)")
+    parser.add_argument("--seed", type=int, default=None, help="the spec's seed for every run (default: the spec's)")
     parser.add_argument("--out", type=Path, default=Path("bench-methods"), help="folder for the runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for setting in args.settings:
         for method in args.methods:
             print(f"running {setting} / {method} ...", file=sys.stderr, flush=True)
-            rows.append(run_one(method, setting, args.steps, args.out.resolve()))
+            rows.append(run_one(method, setting, args.steps, args.out.resolve(), args.seed))
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:
