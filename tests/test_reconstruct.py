@@ -473,6 +473,11 @@ def test_non_square_images_train_from_simulation_and_fits(tmp_path):
     assert source.train_batch(0, 5, 1.0)["images"].shape == (5, 20, 12)
     with pytest.raises(ValueError, match=r"image is 20x12 \(height x width\); expected 12x20"):
         make_source({**expand(spec)[0].config["data"], "image_size": [12, 20]}, 3, torch.device("cpu"), spec.base_dir)
+    _write_fits(tmp_path / "tall2", images)  # HOLLy's one folder per sigma: each checked against image_size
+    per_sigma = {"source": "fits", "fits": {"folders": {"1.0": "tall", "2.0": "tall2"}}, "image_size": [12, 20]}
+    spec = _spec(tmp_path, name="tall-per-sigma", data=per_sigma)
+    with pytest.raises(ValueError, match=r"tall/img000.fits: image is 20x12 \(height x width\); expected 12x20"):
+        make_source(expand(spec)[0].config["data"], 3, torch.device("cpu"), spec.base_dir)
 
 
 def test_non_square_image_size_is_refused_for_particles_naming_the_key(tmp_path):

@@ -79,7 +79,9 @@ def _hw(shape: tuple[int, ...]) -> str:
     return "x".join(str(n) for n in shape)
 
 
-def read_fits_folders_by_sigma(folders: dict[float, str | Path]) -> dict[float, np.ndarray]:
+def read_fits_folders_by_sigma(
+    folders: dict[float, str | Path], expected_shape: tuple[int, int] | None = None
+) -> dict[float, np.ndarray]:
     """The images of one folder per blur sigma, keyed by sigma in increasing order.
 
     HOLLy rendered the same particles at every sigma and saved them under the same file names, so
@@ -104,7 +106,7 @@ def read_fits_folders_by_sigma(folders: dict[float, str | Path]) -> dict[float, 
             raise ImageFormatError(
                 f"{where} hold different file names: first mismatch {mismatch[0]!r} vs {mismatch[1]!r}"
             )
-    stacks = {sigma: read_fits_folder(folders[sigma]) for sigma in sigmas}
+    stacks = {sigma: read_fits_folder(folders[sigma], expected_shape) for sigma in sigmas}
     ref_shape = stacks[ref_sigma].shape[1:]
     for sigma in sigmas[1:]:
         shape = stacks[sigma].shape[1:]

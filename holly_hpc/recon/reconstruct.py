@@ -216,6 +216,8 @@ class ReconstructTask(TaskKind):
         self.config, self.device, self.dist = config, device, dist or DistInfo()
         data, model, train = config["data"], config["model"], config["train"]
         self.source = make_source(data, config["seed"], device, base_dir)
+        truth = self.source.ground_truth  # its mirror, if any: the image-equivalent pose (_rotation_metrics)
+        self._truth_mirror = self_mirror(truth.points) if truth is not None and truth.symmetry == "none" else None
         self.symmetry = model["symmetry"]
         net = PoseNet(
             model["channels"],
@@ -439,8 +441,6 @@ class ReconstructTask(TaskKind):
         modulo the pose each image cannot tell from its own (metrics.self_mirror), with the share of images
         in it and the strict median beside."""
         truth = self.source.ground_truth
-        if not hasattr(self, "_truth_mirror"):
-            self._truth_mirror = self_mirror(truth.points) if truth.symmetry == "none" else None
         errors, flipped = aligned_rotation_fit(predicted, true, truth.symmetry, self._truth_mirror)
         metrics = rotation_error_summary(errors)
         if self._truth_mirror is not None:

@@ -196,14 +196,8 @@ class FitsSource(ImageSource):
             self.images = {0.0: stack.to(device)}
         else:
             stacks = read_fits_folders_by_sigma(
-                {float(k): resolve_path(v, base_dir) for k, v in cfg["folders"].items()}
+                {float(k): resolve_path(v, base_dir) for k, v in cfg["folders"].items()}, expected_shape=shape
             )
-            for sigma, stack in stacks.items():
-                if tuple(stack.shape[1:]) != shape:
-                    raise ValueError(
-                        f"FITS folder for sigma {sigma}: images are {stack.shape[1]}x{stack.shape[2]} (height x "
-                        f"width), data.image_size is {shape[0]}x{shape[1]}"
-                    )
             self.images = {s: torch.from_numpy(v).to(device) for s, v in stacks.items()}
             self.by_sigma = sorted(self.images)
         n = next(iter(self.images.values())).shape[0]
