@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from holly_hpc.recon.geometry import DEPTH_MIRROR, geodesic_angle_deg, quaternion_to_matrix, random_rotations
-from holly_hpc.recon.metrics import aligned_rotation_errors
+from holly_hpc.recon.metrics import aligned_rotation_errors, self_mirror
 from holly_hpc.recon.symmetry import (
     SymmetryReport,
     angular_power_spectrum,
@@ -148,6 +148,46 @@ def test_the_wrong_group_leaves_large_errors():
     assert float(symmetric_rotation_errors(r_pred, r_true, "C4").max()) > 20  # odd eighths of a turn
     r_pred, r_true = _poses("D8", 64, seed=8)
     assert float(symmetric_rotation_errors(r_pred, r_true, "C8").max()) > 20  # the half-turns are missing
+
+
+def _pore_in_register() -> torch.Tensor:
+    """Two rings of 8 corners (2 sites each) 60 nm apart in register: D8 with a mirror plane between rings."""
+    angles = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
+    sites = []
+    for z in (30.0, -30.0):
+        for offset in (-0.1, 0.1):
+            sites.append(
+                torch.stack((50 * (angles + offset).cos(), 50 * (angles + offset).sin(), torch.full((8,), z)), 1)
+            )
+    return torch.cat(sites)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_a_pore_in_register_allows_each_image_its_image_equivalent_pose(mirror):
+    """A pore whose rings are in register has a mirror plane Q (z -> -z), so the image at R is the image at
+    M·R·Q: an image cannot tell them apart and neither may the error. A correct fit with 40% of the
+    images in that pose reads 0 modulo D8 and the mirror, not tens of degrees."""
+    sites = _pore_in_register()
+    q = self_mirror(sites)
+    assert q is not None and torch.allclose(
+        q.abs(), torch.diag(torch.tensor([1.0, 1.0, 1.0], dtype=q.dtype)), atol=1e-6
+    )
+    r_pred, r_true = _poses("D8", 60, seed=9, mirror=mirror)
+    m = DEPTH_MIRROR.double()
+    flip = torch.arange(60) % 5 < 2  # 40% flipped
+    r_flip = torch.where(flip[:, None, None], m @ r_true @ q, r_true)
+    seen_flipped, seen = (r_flip @ sites.T)[:, :2].transpose(1, 2), (r_true @ sites.T)[:, :2].transpose(1, 2)
+    assert float((seen_flipped - seen).abs().max()) > 1  # other poses, point by point ...
+    assert float(torch.cdist(seen_flipped, seen).amin(2).max()) < 1e-5  # ... the same picture
+    # predictions of the flipped poses (still with the group element and global A of _poses)
+    r_pred_flipped = torch.where(flip[:, None, None], m @ r_true @ q @ (r_true.transpose(1, 2) @ r_pred), r_pred)
+    if mirror:  # the mirrored branch: r_pred = M r_true g A', the flipped one is r_true Q g A'
+        r_pred_flipped = torch.where(flip[:, None, None], r_true @ q @ (r_true.transpose(1, 2) @ m @ r_pred), r_pred)
+    strict = symmetric_rotation_errors(r_pred_flipped, r_true, "D8")
+    allowed = symmetric_rotation_errors(r_pred_flipped, r_true, "D8", mirror=q)
+    assert float(allowed.max()) < 1e-3 and float(strict.max()) > 20
+    wild = random_rotations(60, torch.Generator().manual_seed(10), dtype=torch.float64)
+    assert float(symmetric_rotation_errors(wild, r_true, "D8", mirror=q).median()) > 10  # still no free pass
 
 
 # --- detection ------------------------------------------------------------------------------------------

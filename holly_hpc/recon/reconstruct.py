@@ -218,6 +218,8 @@ class ReconstructTask(TaskKind):
         self.source = make_source(data, config["seed"], device, base_dir)
         truth = self.source.ground_truth  # its mirror, if any: the image-equivalent pose (_rotation_metrics)
         self._truth_mirror = self_mirror(truth.points) if truth is not None and truth.symmetry == "none" else None
+        sites = getattr(getattr(self.source, "truth", None), "sites", None)  # a simulated table's truth
+        self._sites_mirror = None if sites is None else self_mirror(sites)  # pores with rings in register have one
         self.symmetry = model["symmetry"]
         net = PoseNet(
             model["channels"],
@@ -467,7 +469,9 @@ class ReconstructTask(TaskKind):
             metrics["structure_error"] = structure_error(structure, truth.sites.to(structure))
             if truth.rotations is not None and self.refinement is not None and self.refinement.posed:
                 rotations = self.refinement.rotations(0).detach().cpu()
-                errors = symmetric_rotation_errors(rotations, truth.rotations, truth.symmetry)
+                errors = symmetric_rotation_errors(
+                    rotations, truth.rotations, truth.symmetry, mirror=self._sites_mirror
+                )
                 metrics.update(rotation_error_summary(errors))
                 if truth.symmetry != "none":  # the axis alone: what the views show best
                     axis = detected.axis.to(rotations)

@@ -79,38 +79,63 @@ def _nearest_orthogonal(m: torch.Tensor, proper: bool) -> torch.Tensor:
 
 
 def _errors_modulo_group(
-    r_pred: torch.Tensor, r_true: torch.Tensor, group: torch.Tensor, proper: bool, starts: int, iterations: int
+    r_pred: torch.Tensor,
+    r_true: torch.Tensor,
+    group: torch.Tensor,
+    proper: bool,
+    starts: int,
+    iterations: int,
+    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-image errors (B,) for r_pred ≈ r_true·g_i·A with one global A (proper or not) and g_i free per image.
+    """Per-image errors (B,) for r_pred ≈ T_i·A with one global A (proper or not), T_i = r_true·g_i and g_i
+    free per image; with `mirror` Q (an improper self-map of the truth) also T_i = M·r_true·Q·g_i, the pose
+    whose image is the same (M the depth mirror: P·M = P), as metrics.aligned_rotation_fit allows.
 
-    Alternates the closed-form A for the current choices (the orthogonal matrix nearest Σ (r_true g_i)ᵀ r_pred,
-    as metrics.aligned_rotation_errors does without a group) with each image's best g_i for that A. Each start
+    Alternates the closed-form A for the current choices (the orthogonal matrix nearest Σ E_iᵀ rel_i, E_i the
+    chosen element, rel_i its relative rotation) with each image's best element for that A. Each start
     takes A from one image's relative rotation; the start with the smallest median error wins.
     """
-    rel = r_true.transpose(1, 2) @ r_pred  # (B, 3, 3): g_i·A for a perfect prediction
-    b = rel.shape[0]
+    # Candidate c of image b scores trace((E_c A)ᵀ rel[v_c, b]): E_c = g with rel = r_trueᵀ r_pred, or
+    # E_c = Q g with rel = r_trueᵀ M r_pred (since (M r_true Q g A)ᵀ r_pred = (Q g A)ᵀ r_trueᵀ M r_pred).
+    rels = [r_true.transpose(1, 2) @ r_pred]
+    elements, variant = [group], [torch.zeros(len(group), dtype=torch.long)]
+    if mirror is not None:
+        rels.append(r_true.transpose(1, 2) @ DEPTH_MIRROR.to(r_pred) @ r_pred)
+        elements.append(mirror.to(group) @ group)
+        variant.append(torch.ones(len(group), dtype=torch.long))
+    rel_of = torch.stack(rels)[torch.cat(variant)]  # (C, B, 3, 3)
+    elements = torch.cat(elements)  # (C, 3, 3)
+    b = r_pred.shape[0]
     picks = torch.linspace(0, b - 1, min(starts, b), dtype=torch.float64).round().long().unique()
-    a = _nearest_orthogonal(rel[picks], proper)  # (S, 3, 3)
+    a = _nearest_orthogonal(rels[0][picks], proper)  # (S, 3, 3)
     choice = None
     for _ in range(iterations):
-        # The cosine of the geodesic error of image i under (g, A) grows with trace((gA)ᵀ rel_i).
-        score = torch.einsum("sgjk,bjk->sgb", group @ a[:, None], rel)
+        score = torch.einsum("scjk,cbjk->scb", elements @ a[:, None], rel_of)
         new_choice = score.argmax(1)  # (S, B)
         if choice is not None and torch.equal(new_choice, choice):
             break
         choice = new_choice
-        a = _nearest_orthogonal((group[choice].transpose(-1, -2) @ rel).sum(1), proper)
+        picked = rel_of[choice, torch.arange(b)]  # (S, B, 3, 3)
+        a = _nearest_orthogonal((elements[choice].transpose(-1, -2) @ picked).sum(1), proper)
     # The start whose final A gives the smallest median error (from the traces: cos = (trace - 1) / 2) ...
-    best_trace = torch.einsum("sgjk,bjk->sgb", group @ a[:, None], rel).amax(1)  # (S, B)
+    best_trace = torch.einsum("scjk,cbjk->scb", elements @ a[:, None], rel_of).amax(1)  # (S, B)
     rough = torch.arccos(((best_trace - 1) / 2).clamp(-1, 1))
     a = a[rough.median(1).values.argmin()]
-    # ... and per image the error to the best element for that A (the min over the whole group), accurately.
+    # ... and per image the error to the best candidate for that A (the min over all of them), accurately.
     candidates = r_true[None] @ group[:, None] @ a  # (G, B, 3, 3)
+    if mirror is not None:
+        flipped = DEPTH_MIRROR.to(r_pred) @ r_true @ mirror.to(group)
+        candidates = torch.cat((candidates, flipped[None] @ group[:, None] @ a))
     return geodesic_angle_deg(r_pred[None].expand_as(candidates), candidates).min(0).values
 
 
 def symmetric_rotation_errors(
-    r_pred: torch.Tensor, r_true: torch.Tensor, name: str, starts: int = 8, iterations: int = 20
+    r_pred: torch.Tensor,
+    r_true: torch.Tensor,
+    name: str,
+    starts: int = 8,
+    iterations: int = 20,
+    mirror: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-image rotation errors (degrees) of poses predicted against a *learned* structure with symmetry `name`.
 
@@ -119,11 +144,14 @@ def symmetric_rotation_errors(
     depth mirror and A' improper, with one global A (A') and a group element g_i per image. Both cases are
     fitted (see _errors_modulo_group, from `starts` starts) and the one with the smaller median error is kept,
     as metrics.aligned_rotation_errors does; for 'none' / 'C1' the result equals its 'none' errors.
+    `mirror`: an improper self-map Q of the truth (metrics.self_mirror; a nuclear pore whose rings are in
+    register has one, the plane between the rings): each image may then sit at its image-equivalent pose.
     """
     rp, rt = r_pred.detach().double().cpu(), r_true.detach().double().cpu()
     group = group_rotations(name, dtype=torch.float64)
-    direct = _errors_modulo_group(rp, rt, group, True, starts, iterations)
-    mirrored = _errors_modulo_group(rp, DEPTH_MIRROR.double() @ rt, group, False, starts, iterations)
+    q = None if mirror is None else mirror.detach().double().cpu()
+    direct = _errors_modulo_group(rp, rt, group, True, starts, iterations, q)
+    mirrored = _errors_modulo_group(rp, DEPTH_MIRROR.double() @ rt, group, False, starts, iterations, q)
     best = direct if direct.median() <= mirrored.median() else mirrored
     return best.float()
 
