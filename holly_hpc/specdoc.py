@@ -75,7 +75,8 @@ def reference_markdown() -> str:
             props = dict(schema.get("properties", {}))
             for inner in schema.get("allOf", []):
                 props = {**resolve(inner, root).get("properties", {}), **props}
-            out.append(_section(f"kind: {kind} — {section}", props, root, f"{section}."))
+            if props:  # a section the kind does not have (eval outside embed) gets no empty table
+                out.append(_section(f"kind: {kind} — {section}", props, root, f"{section}."))
     return "".join(out)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import resolve_path
 from ..runtime.captions import caption_grid
 from ..runtime.distributed import DistInfo
 from ..runtime.kinds import TaskKind, WeightsCache, evaluating, make_lr_scheduler, optimiser_step, wrap_ddp
@@ -32,6 +33,7 @@ from .data import (
 )
 from .evaluation import evaluate_readouts, flat_scores
 from .export import write_embeddings
+from .groups import image_keys, image_times, rule_problem
 from .models import VAE, VQVAE, AutoEncoder, ChannelFoldingWrapper, EmbeddingModel
 
 N_SHOWN = 8  # images per row of the reconstruction grids
@@ -162,6 +164,7 @@ class EmbedTask(TaskKind):
     def check_config(cls, config: dict, base_dir: Path) -> list[tuple[tuple, str]]:
         data, model = config["data"], config["model"]
         problems = data_problems(data, base_dir)
+        problems += eval_problems(config)
         if model["family"] == "shape" and model["channel_mode"] == "fold":
             problems.append((("model", "channel_mode"), "the shape family embeds one mask per cell: use joint"))
         if model["family"] == "vqvae" and model["grid"] > data["image_size"]:
@@ -172,6 +175,7 @@ class EmbedTask(TaskKind):
 
     def __init__(self, config: dict, device: torch.device, base_dir: Path, dist: DistInfo | None = None):
         self.config, self.device, self.dist = config, device, dist or DistInfo()
+        self.base_dir = base_dir  # the spec's folder: relative paths of the eval rules' labels CSV
         data, model, train = config["data"], config["model"], config["train"]
         self.family = model["family"]
         collection = make_collection(data, config["seed"], base_dir)
@@ -187,6 +191,7 @@ class EmbedTask(TaskKind):
         self.trained = wrap_ddp(self.model, self.dist, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
+        self._eval_keys()  # a rule that misses an image fails now, not after the training
         held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
         self.eval_inputs, self.eval_indices = self.dataset.load(held_out[: data["eval_size"]])
         self.eval_inputs = self.eval_inputs.to(device)
@@ -368,7 +373,25 @@ class EmbedTask(TaskKind):
             kind = "region"
         else:
             baseline, kind = images.numpy(), "pca"
-        return evaluate_readouts(readouts, labels, baseline, kind, train["eval_folds"], self.config["seed"])
+        how = self.config["eval"]
+        groups, times = self._eval_keys(indices)
+        return evaluate_readouts(
+            readouts, labels, baseline, kind, train["eval_folds"], self.config["seed"],
+            split=how["split"], groups=groups, times=times, gap=how["gap"],
+        )  # fmt: skip
+
+    def _eval_keys(self, indices=None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The group and time of each image at `indices` (every labelled image by default) by the eval rules."""
+        how, data = self.config["eval"], self.config["data"]
+        if indices is None:
+            indices = [i for i, label in enumerate(self.dataset.labels) if label is not None]
+        csv = data.get("folder", {}).get("labels")
+        named = data["source"] == "folder" and csv not in (None, "none", "folders")
+        csv = resolve_path(csv, self.base_dir) if named else None
+        collection = self.dataset.collection
+        groups = image_keys(collection, indices, how["group_by"], "eval.group_by", csv)
+        times = image_times(collection, indices, how["time_by"], "eval.time_by", csv)
+        return groups, times
 
     def _stratified_subset(self, labels: np.ndarray, count: int) -> np.ndarray:
         if len(labels) <= count:
@@ -379,3 +402,18 @@ class EmbedTask(TaskKind):
             np.arange(len(labels)), train_size=count, stratify=labels, random_state=self.config["seed"]
         )
         return np.sort(chosen)
+
+
+def eval_problems(config: dict) -> list[tuple[tuple, str]]:
+    """The eval section's rules checked against the data source, and a split that needs a rule it lacks."""
+    how, data = config["eval"], config["data"]
+    labels = data.get("folder", {}).get("labels", "none")
+    problems = []
+    for key in ("group_by", "time_by"):
+        problem = rule_problem(how[key], f"eval.{key}", data["source"], labels)
+        if problem:
+            problems.append((("eval", key), problem))
+    needs = {"grouped": "group_by", "temporal": "time_by"}.get(how["split"])
+    if needs and how[needs] is None:
+        problems.append((("eval", "split"), f"split: {how['split']} needs eval.{needs} (which images belong together)"))
+    return problems
