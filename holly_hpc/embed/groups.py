@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..io.images import ImageCollection
+from ..io.images.folders import csv_file_name
 
 
 class GroupRuleError(ValueError):
@@ -52,7 +53,7 @@ def _csv_column(path: Path, column: str, key: str) -> dict[str, str]:
         for row in reader:
             value = (row[column] or "").strip()
             if value:
-                out[PurePosixPath((row["file"] or "").strip().replace("\\", "/")).as_posix()] = value
+                out[csv_file_name(row["file"] or "")] = value
         return out
 
 

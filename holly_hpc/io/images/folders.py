@@ -294,6 +294,12 @@ def _natural_key(rel: str) -> tuple:
     return parts, rel
 
 
+def csv_file_name(name: str) -> str:
+    """A labels CSV's `file` cell as the path below the root that the collection uses."""
+    # Backslashes: CSVs made on Windows; PurePosixPath drops './' and doubled slashes.
+    return PurePosixPath(name.strip().replace("\\", "/")).as_posix()
+
+
 def _read_label_csv(csv_path: Path, root: Path, rels: list[str]) -> dict[str, str | None]:
     """{file relative to root: label} from a CSV with a header row naming columns file and label."""
     images = set(rels)
@@ -316,8 +322,7 @@ def _read_label_csv(csv_path: Path, root: Path, rels: list[str]) -> dict[str, st
                 name = (row["file"] or "").strip()
                 if not name:
                     raise ImageFormatError(f"{csv_path}, line {line}: the 'file' column is empty")
-                # Backslashes: CSVs made on Windows; PurePosixPath drops './' and doubled slashes.
-                rel = PurePosixPath(name.replace("\\", "/")).as_posix()
+                rel = csv_file_name(name)
                 if rel in first_line:
                     raise ImageFormatError(
                         f"{csv_path}, line {line}: {name!r} is listed again (first on line {first_line[rel]})"
