@@ -22,7 +22,7 @@ import torch
 
 from ..io import missing, resolve_path
 from ..io.images import Z_KEYS, ImageCollection, ImageFormatError, open_collection
-from .models import normalise_per_channel
+from .models import normalise_per_channel, percentiles
 from .synthetic import SYNTHETIC_DATASETS
 
 SPLITS = ("train", "val", "test")
@@ -181,6 +181,10 @@ class EmbedDataset:
 
     transform: an optional map from a prepared image (C, S, S) to the model's input (the shape family turns
     images into distance matrices); load(..., transformed=False) returns the images themselves.
+
+    data.normalise.mode: image (percentiles of each image and channel), dataset (percentiles of each
+    channel over the training split, `levels` (C, 2); pass the training run's levels when embedding new
+    images, or they are measured here) or none (the stored values).
     """
 
     def __init__(
@@ -189,10 +193,12 @@ class EmbedDataset:
         data: dict,
         seed: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        levels: torch.Tensor | None = None,
     ):
         self.collection, self.data, self.seed, self.transform = collection, data, seed, transform
         self.size = data["image_size"]
         self.low, self.high = data["normalise"]["low"], data["normalise"]["high"]
+        self.mode = data["normalise"].get("mode", "image")  # frozen specs older than the modes lack it
         self.skip_bad = data["on_bad_file"] == "skip"
         split = data["split"]
         # split_ids: the planes cut from one stack share one split
@@ -209,16 +215,47 @@ class EmbedDataset:
         item_bytes = collection.channels * self.size * self.size * 4
         self.caching = len(collection) * item_bytes <= data["cache_mb"] * 2**20
         self._permutation: tuple[int, torch.Tensor] | None = None
+        self.levels = None
+        if self.mode == "dataset":
+            self.levels = levels if levels is not None else self.dataset_levels()
+
+    def dataset_levels(self, sample: int = 256) -> torch.Tensor:
+        """(C, 2): the low-th and high-th percentile of each channel over the pixels of (a seeded sample of
+        at most `sample`) training images, read raw."""
+        train = self.splits["train"]
+        rng = np.random.default_rng([self.seed, 5])
+        chosen = np.sort(rng.choice(train, min(sample, len(train)), replace=False))
+        planes = []
+        for index in chosen:
+            try:
+                raw = np.asarray(self.collection.read(int(index)), dtype=np.float32)
+            except (ImageFormatError, ValueError, OSError):
+                if not self.skip_bad:
+                    raise
+                continue  # load() reports it when the image is used
+            planes.append(torch.from_numpy(raw).flatten(1))
+        if not planes:
+            raise ImageFormatError("data.normalise.mode dataset: no training image could be read to measure levels")
+        pixels = torch.cat(planes, dim=1)  # (C, all pixels of the sample)
+        return percentiles(pixels, torch.tensor([self.low, self.high]))
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """A raw image (C, H, W) float32 -> the model's input scale, by data.normalise.mode."""
+        if self.mode == "image":
+            return normalise_per_channel(raw[None], self.low, self.high)[0]
+        if self.mode == "dataset":
+            lo, hi = self.levels[:, :1, None], self.levels[:, 1:, None]
+            return ((raw - lo) / (hi - lo).clamp_min(torch.finfo(raw.dtype).tiny)).clamp(0, 1)
+        return raw
 
     # ------------------------------------------------------------------ items
     def prepare(self, index: int, transformed: bool = True) -> torch.Tensor:
-        """One item, normalised per channel and centred to image_size (plus the transform)."""
+        """One item, normalised (data.normalise.mode) and centred to image_size (plus the transform)."""
         key = (index, transformed and self.transform is not None)
         if key in self._cache:
             return self._cache[key]
         raw = np.asarray(self.collection.read(index), dtype=np.float32)  # exact for 16-bit data
-        image = normalise_per_channel(torch.from_numpy(raw)[None], self.low, self.high)[0]
-        item = fit_to_size(image, self.size)
+        item = fit_to_size(self.normalise(torch.from_numpy(raw)), self.size)
         if key[1]:
             item = self.transform(item)
         if self.caching:

@@ -85,7 +85,8 @@ def embed_new_images(
         if config["model"]["family"] == "shape"
         else None
     )
-    dataset = EmbedDataset(collection, data, config["seed"], transform)
+    # data.normalise.mode dataset: the training images' levels, not the new images' own.
+    dataset = EmbedDataset(collection, data, config["seed"], transform, levels=state.get("normalise_levels"))
 
     import zarr
 

@@ -35,7 +35,10 @@ from .evaluation import evaluate_readouts, flat_scores
 from .export import write_embeddings
 from .groups import image_keys, image_times, rule_problem
 from .models import VAE, VQVAE, AutoEncoder, ChannelFoldingWrapper, EmbeddingModel
+from .ssl import DINO, SimCLR
+from .views import ViewOptions, random_views
 
+SELF_SUPERVISED = ("simclr", "dino")  # the families that learn from views, not by reconstructing
 N_SHOWN = 8  # images per row of the reconstruction grids
 THUMBNAIL = 32  # projector sprite size (pixels)
 
@@ -56,6 +59,32 @@ def build_model(model: dict, channels: int, image_size: int, seed: int) -> Embed
             shape["diagonal_weight"],
             shape["symmetry_weight"],
             shape["nonnegative_weight"],
+        )
+    if family in SELF_SUPERVISED:
+        ssl = model["ssl"]
+        if family == "simclr":
+            return SimCLR(
+                model["depth"],
+                channels,
+                image_size,
+                model["latent_dim"],
+                model["width"],
+                ssl["hidden"],
+                ssl["temperature"],
+            )
+        return DINO(
+            model["depth"],
+            channels,
+            image_size,
+            model["latent_dim"],
+            model["width"],
+            ssl["hidden"],
+            ssl["prototypes"],
+            ssl["student_temperature"],
+            ssl["teacher_temperature"],
+            ssl["teacher_momentum"],
+            ssl["center_momentum"],
+            ssl["local_crops"],
         )
     generator = torch.Generator().manual_seed(seed)  # dead-code restarts draw from it: seeded, resumable
     if family == "ae":
@@ -90,6 +119,24 @@ def build_model(model: dict, channels: int, image_size: int, seed: int) -> Embed
     if model["channel_mode"] == "fold":
         return ChannelFoldingWrapper(factory, channels, model["consistency_weight"])
     return factory(in_channels=channels)
+
+
+def view_options(data: dict, global_view: bool) -> ViewOptions:
+    """The spec's data.views for the global views (image_size) or DINO's local crops."""
+    views, size = data["views"], data["image_size"]
+    local_size = views["local_size"] or max(16, size // 2)
+    scale = views["global_scale"] if global_view else views["local_scale"]
+    return ViewOptions.from_spec(
+        views, data["augment"], size if global_view else local_size, scale, clamp=data["normalise"]["mode"] != "none"
+    )
+
+
+def make_views(model: EmbeddingModel, images: torch.Tensor, data: dict, generator: torch.Generator) -> list:
+    """Two global views of every image, then the model's local crops (DINO's multi-crop)."""
+    global_options, local_options = view_options(data, True), view_options(data, False)
+    views = [random_views(images, global_options, generator) for _ in range(2)]
+    views += [random_views(images, local_options, generator) for _ in range(getattr(model, "local_views", 0))]
+    return views
 
 
 def quantiser_of(model: EmbeddingModel):
@@ -167,6 +214,15 @@ class EmbedTask(TaskKind):
         problems += eval_problems(config)
         if model["family"] == "shape" and model["channel_mode"] == "fold":
             problems.append((("model", "channel_mode"), "the shape family embeds one mask per cell: use joint"))
+        if model["family"] in SELF_SUPERVISED and model["channel_mode"] == "fold":
+            problems.append(
+                (("model", "channel_mode"), f"{model['family']} learns from views of the whole cell: use joint")
+            )
+        if model["family"] in SELF_SUPERVISED:
+            for key in ("global_scale", "local_scale", "blur_sigma"):
+                low, high = data["views"][key]
+                if low > high:
+                    problems.append((("data", "views", key), f"[{low}, {high}]: the first value is the smaller"))
         if model["family"] == "vqvae" and model["grid"] > data["image_size"]:
             problems.append(
                 (("model", "grid"), f"a grid of {model['grid']} codes does not fit {data['image_size']}-pixel images")
@@ -189,7 +245,9 @@ class EmbedTask(TaskKind):
         self.channel_names = collection.channel_names  # row captions of the reconstruction grids
         self.model = build_model(model, self.channels, data["image_size"], config["seed"]).to(device)
         self.trained = wrap_ddp(self.model, self.dist, device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+        self.self_supervised = self.family in SELF_SUPERVISED
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # not DINO's teacher: an EMA moves it
+        self.optimizer = torch.optim.AdamW(trainable, lr=train["lr"], weight_decay=train["weight_decay"])
         self.scheduler = make_lr_scheduler(self.optimizer, train)
         self._eval_keys()  # a rule that misses an image fails now, not after the training
         held_out = self.dataset.splits["val"] if len(self.dataset.splits["val"]) else self.dataset.splits["train"]
@@ -205,6 +263,8 @@ class EmbedTask(TaskKind):
         items, _ = self.dataset.load(indices)
         x = items.to(self.device, non_blocking=True)
         generator = step_generator(self.config["seed"], 2, step)
+        if self.self_supervised:
+            return self._self_supervised_step(step, x, generator)
         if self.shape is not None:
             x = reindex_matrices(x, generator) if self.config["data"]["augment"]["flips"] else x
         else:
@@ -220,6 +280,23 @@ class EmbedTask(TaskKind):
         metrics.update({f"train_{k}": v for k, v in out["stats"].items()})
         return metrics
 
+    def _self_supervised_step(self, step: int, x: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
+        views = make_views(self.model, x, self.config["data"], generator)
+        self.model.train()
+        out = self.trained(views)
+        loss = self.model.loss(None, out)
+        (lr,) = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
+        if hasattr(self.model, "after_step"):
+            self.model.after_step(step, self.config["train"]["steps"])  # DINO's teacher follows the student
+        metrics: dict[str, Any] = {"loss": loss.detach(), "lr": lr}
+        metrics.update({f"train_{k}": v.detach() for k, v in out["loss_terms"].items()})
+        metrics.update({f"train_{k}": v for k, v in out["stats"].items()})
+        return metrics
+
+    def _held_out_views(self) -> list:
+        """The same views of the held-out images at every evaluation (a fixed generator)."""
+        return make_views(self.model, self.eval_inputs, self.config["data"], step_generator(self.config["seed"], 4, 0))
+
     def _held_out(self) -> dict:
         """The model's outputs and loss on the held-out images, once per weights version."""
         return self.weights.get("held_out", self._compute_held_out)
@@ -227,6 +304,10 @@ class EmbedTask(TaskKind):
     @torch.no_grad()
     def _compute_held_out(self) -> dict:
         with evaluating(self.model):
+            if self.self_supervised:  # the objective on fixed views: comparable from one evaluation to the next
+                out = self.model(self._held_out_views())
+                out["loss"] = self.model.loss(None, out)
+                return out
             out = self.model(self.eval_inputs)
             out["loss"] = self.model.loss(self.eval_inputs, out)
         return out
@@ -246,6 +327,8 @@ class EmbedTask(TaskKind):
         return {"codebook/codes_used_by_held_out_images": folded["codes"].flatten()} if "codes" in folded else {}
 
     def image_grids(self) -> dict[str, torch.Tensor]:
+        if self.self_supervised:
+            return self._view_grids()
         out = self._held_out()
         inputs, recon = self.eval_inputs[:N_SHOWN].cpu(), out["reconstruction"][:N_SHOWN].float().cpu()
         if self.shape is not None:
@@ -267,10 +350,24 @@ class EmbedTask(TaskKind):
         title = "held-out images: inputs vs reconstructions"
         return {"eval/inputs_vs_reconstructions": caption_grid(image_rows(rows), captions, title=title)}
 
+    def _view_grids(self) -> dict[str, torch.Tensor]:
+        """What the self-supervised model learns from: held-out images and two of their random views."""
+        views = [v[:N_SHOWN].float().cpu() for v in self._held_out_views()[:2]]
+        inputs = self.eval_inputs[:N_SHOWN].float().cpu()
+        rows, captions = [], []
+        for c, name in zip(range(inputs.shape[1]), self.channel_names, strict=True):
+            rows += [inputs[:, c], views[0][:, c].clamp(0, 1), views[1][:, c].clamp(0, 1)]
+            captions += [f"{name} input", f"{name} view 1", f"{name} view 2"]
+        title = "held-out images and two random views of each"
+        return {"eval/inputs_and_views": caption_grid(image_rows(rows), captions, title=title)}
+
     def trained_parameters(self) -> list[torch.Tensor]:
-        """The optimiser's parameters plus the EMA codebook, which every rank must keep identical too."""
+        """The optimiser's parameters plus what moves without gradients and every rank must keep identical
+        too: the EMA codebook, DINO's teacher and centre."""
         quantiser = quantiser_of(self.model)
         buffers = list(quantiser.buffers()) if quantiser is not None else []
+        if isinstance(self.model, DINO):
+            buffers += [*self.model.teacher.parameters(), self.model.center]
         return super().trained_parameters() + buffers
 
     def state_dict(self) -> dict[str, Any]:
@@ -280,6 +377,7 @@ class EmbedTask(TaskKind):
             "scheduler": self.scheduler.state_dict(),
             "channels": self.channels,
             "label_names": self.dataset.label_names,
+            "normalise_levels": self.dataset.levels,  # data.normalise.mode dataset: new images need the same
         }
         quantiser = quantiser_of(self.model)
         if quantiser is not None and quantiser.generator is not None:
