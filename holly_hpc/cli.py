@@ -563,30 +563,57 @@ def cmd_eval(args) -> int:
 
 
 def cmd_embed(args) -> int:
+    import zarr
+
+    from .embed.data import SPLITS
+    from .embed.export import readouts_of, write_table
     from .embed.infer import embed_new_images
 
     exp, index = _task_from(args)
     if exp is None:
         return 1
-    output = (
-        Path(args.output) if args.output else Path(args.input).with_name(Path(args.input).name + ".embeddings.zarr")
-    )
-    summary = embed_new_images(
-        exp,
-        index,
-        Path(args.input),
-        output,
-        labels=args.labels,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        device=args.device,
-        skip_bad=True if args.skip_bad else None,
-    )
-    print(
-        f"{summary['embedded']} image(s) embedded, {summary['skipped']} skipped, dimension {summary['dim']}, "
-        f"checkpoint step {summary['step']}"
-    )
-    print(f"embeddings: {summary['output']} (embeddings/embedding, index, id, label)")
+    if args.input is None:  # the run's own images, every split
+        if not args.table:
+            print(
+                "error: give --input to embed new images, or --table to write the run's own embeddings", file=sys.stderr
+            )
+            return 2
+        store = exp.task_dir(index) / "outputs.zarr"
+        if not (store / "embeddings").exists():
+            print(f"error: {store} has no embeddings yet (the task writes them when it finishes)", file=sys.stderr)
+            return 1
+        group = zarr.open_group(str(store), mode="r")
+        parts = [(split, group[f"embeddings/{split}"]) for split in SPLITS if split in group["embeddings"]]
+    else:
+        output = (
+            Path(args.output) if args.output else Path(args.input).with_name(Path(args.input).name + ".embeddings.zarr")
+        )
+        summary = embed_new_images(
+            exp,
+            index,
+            Path(args.input),
+            output,
+            labels=args.labels,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+            device=args.device,
+            skip_bad=True if args.skip_bad else None,
+        )
+        print(
+            f"{summary['embedded']} image(s) embedded, {summary['skipped']} skipped, dimension {summary['dim']}, "
+            f"checkpoint step {summary['step']}"
+        )
+        parts = [("input", zarr.open_group(str(output), mode="r")["embeddings"])]
+        print(f"embeddings: {summary['output']} (embeddings/embedding, features, index, id, label)")
+    readouts = readouts_of(parts[0][1])
+    print("readouts: " + ", ".join(f"{name} ({dim})" for name, dim in readouts.items()))
+    if args.table:
+        rows = write_table(Path(args.table), parts, overwrite=args.overwrite)
+        print(
+            f"table: {args.table} ({rows} rows: split, index, id, label, "
+            + ", ".join(f"{n}_0…" for n in readouts)
+            + ")"
+        )
     return 0
 
 
@@ -743,7 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="embed new images (folder of TIFF/PNG, zarr, OME-Zarr) with a trained embed task")
     _run_options(p)
-    p.add_argument("--input", required=True, help="folder of images, zarr group (array 'images') or OME-Zarr image")
+    p.add_argument(
+        "--input", help="folder of images, zarr group (array 'images') or OME-Zarr image (default: none, see --table)"
+    )
+    p.add_argument(
+        "--table",
+        help="also write one CSV of every image (split, id, label, every readout); without --input: the run's own",
+    )
     p.add_argument("--output", help="zarr store to write (default: <input>.embeddings.zarr beside the input)")
     p.add_argument("--labels", default="none", help="labels of a folder input: none, folders, or a CSV file,label")
     p.add_argument(
@@ -778,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embed (VQ-VAE images/s vs a plain loop), registry (concurrent writers), "
         "methods (reconstruct's method options on realistic particles)",
     )
-    p.add_argument("what", choices=["render", "train", "embed", "registry", "methods"])
+    p.add_argument("what", choices=["render", "train", "embed", "registry", "methods", "ssl"])
     p.add_argument(
         "rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see: holly-hpc bench WHAT --help)"
     )

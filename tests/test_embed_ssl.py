@@ -236,3 +236,36 @@ def test_new_images_are_embedded_with_the_training_runs_dataset_levels(write_spe
     with torch.no_grad():
         expected = model(dataset.load(range(4))[0])["embedding"].numpy()
     np.testing.assert_allclose(zarr.open_group(str(out), mode="r")["embeddings/embedding"][:], expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ holly-hpc embed
+def test_holly_hpc_embed_prints_every_readout_and_writes_one_table_of_all_images(write_spec, tmp_path, cli):
+    import csv
+
+    exp = _experiment(write_spec, tmp_path, "table", {"model": {**SSL["model"], "family": "simclr"}})
+    run_task(exp, 0, out=io.StringIO())
+    table = tmp_path / "all.csv"
+    code, stdout, stderr = cli("embed", exp.root, "--task", "0", "--table", table)
+    assert code == 0, stderr
+    assert "readouts: embedding (8), features (32)" in stdout and "48 rows" in stdout
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 48 and {r["split"] for r in rows} == {"train", "val", "test"}
+    assert len({r["id"] for r in rows}) == 48  # every image once
+    group = zarr.open_group(str(exp.task_dir(0) / "outputs.zarr"), mode="r")
+    stored = dict(zip(group["embeddings/val/id"][:], group["embeddings/val/features"][:], strict=True))
+    row = next(r for r in rows if r["split"] == "val")
+    np.testing.assert_allclose([float(row[f"features_{i}"]) for i in range(32)], stored[row["id"]], rtol=1e-6)
+    code, _, stderr = cli("embed", exp.root, "--task", "0", "--table", table)
+    assert code == 1 and "--overwrite" in stderr  # an existing table is kept
+    code, _, stderr = cli("embed", exp.root, "--task", "0")
+    assert code == 2 and "--input" in stderr and "--table" in stderr
+
+    write_tiff_folder(SyntheticCells(5, 40, classes=2, seed=9), tmp_path / "new")
+    new_table = tmp_path / "new.csv"
+    code, stdout, stderr = cli(
+        "embed", exp.root, "--task", "0", "--input", tmp_path / "new", "--labels", "folders", "--table", new_table
+    )
+    assert code == 0, stderr
+    assert "readouts: embedding (8), features (32)" in stdout
+    new_rows = list(csv.DictReader(new_table.open()))
+    assert len(new_rows) == 5 and {r["split"] for r in new_rows} == {"input"} and all(r["label"] for r in new_rows)

@@ -82,3 +82,44 @@ def write_embeddings(
         }
     )
     return out
+
+
+READOUTS = ("embedding", "features")
+
+
+def readouts_of(sub) -> dict[str, int]:
+    """The readouts a stored group holds and their dimensions, in the order every family writes them."""
+    return {name: int(sub[name].shape[1]) for name in READOUTS if name in sub}
+
+
+def write_table(path, parts: list[tuple[str, object]], overwrite: bool = False) -> int:
+    """One CSV row per image of every stored group in `parts` [(split name, zarr group)], so a user need not
+    join the train/val/test groups by id: split, index, id, label, then embedding_0… and features_0….
+    Written beside the target and renamed into place (nothing half-written). Returns the rows written."""
+    import csv
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; give --overwrite to replace it")
+    dims = readouts_of(parts[0][1])
+    header = ["split", "index", "id", "label"] + [f"{name}_{i}" for name, dim in dims.items() for i in range(dim)]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rows = 0
+    try:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for split, sub in parts:
+                values = [sub[name][:] for name in dims]
+                for r, (index, item_id, label) in enumerate(
+                    zip(sub["index"][:], sub["id"][:], sub["label"][:], strict=True)
+                ):
+                    numbers = [f"{v:.7g}" for block in values for v in block[r]]
+                    writer.writerow([split, int(index), str(item_id), str(label), *numbers])
+                    rows += 1
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
