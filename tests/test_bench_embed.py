@@ -31,6 +31,8 @@ def test_json_rows(capsys):
                 "2",
                 "--warmup",
                 "1",
+                "--families",
+                "vqvae",
                 "--json",
             ]
         )
@@ -87,3 +89,34 @@ def test_the_comparison_notices_a_different_step():
     task.train_step(0)
     with pytest.raises(AssertionError):
         _assert_same_state(model, task.model)
+
+
+@pytest.mark.parametrize("family", ["simclr", "dino"])
+def test_plain_self_supervised_step_computes_the_framework_step(family):
+    """The same views (the framework's generator of the step) through the plain step and the teacher update
+    give the framework's parameters, DINO's teacher and centre included."""
+    from holly_hpc.embed.data import step_generator
+    from holly_hpc.embed.task import EmbedTask, build_model, make_views
+
+    cfg = config(32, 4, 4, "cpu", family=family)
+    torch.manual_seed(0)
+    task = EmbedTask(cfg, torch.device("cpu"), base_dir=Path("."))
+    model = build_model(cfg["model"], task.channels, 32, cfg["seed"])
+    model.load_state_dict(task.model.state_dict())
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"])
+    for step in range(2):
+        x, _ = task.dataset.load(task.dataset.train_indices(step, 4))
+        plain_step(model, optimizer, make_views(model, x, cfg["data"], step_generator(cfg["seed"], 2, step)))
+        if family == "dino":
+            model.after_step(step, cfg["train"]["steps"])
+        task.train_step(step)
+        _assert_same_state(model, task.model)
+
+
+def test_json_rows_cover_the_self_supervised_families(capsys):
+    args = ["--device", "cpu", "--sizes", "32", "--batch", "4", "--width", "4", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--families", "simclr", "dino", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["simclr", "dino"] and all(r["ratio_vs_plain"] > 0 for r in rows)
