@@ -672,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="holly-hpc", description="Train microscopy models from YAML job specs, locally or on SLURM."
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"holly-hpc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check specs against the schema and semantic rules")
@@ -829,6 +832,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader left (`holly-hpc runs | head`): no traceback, and nothing more to write to it. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for SIGPIPE
     except SpecError as exc:
         print(f"{len(exc.problems)} problem(s) in the spec:", file=sys.stderr)
         print(str(exc), file=sys.stderr)

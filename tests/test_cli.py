@@ -228,3 +228,30 @@ def test_reference_prints_every_section(cli):
     assert code == 0
     for section in ("#### top level", "#### sweep", "#### launch", "#### kind: pose — data", "#### kind: pose — train"):
         assert section in out
+
+
+def test_version_python_dash_m_and_a_closed_pipe_without_traceback():
+    import shlex
+    import sys
+
+    from holly_hpc import __version__
+
+    version = subprocess.run(
+        [*holly_hpc_exe(), "--version"], check=False, capture_output=True, text=True, env=env_for_subprocess()
+    )
+    assert version.returncode == 0 and version.stdout.strip() == f"holly-hpc {__version__}"
+    module = subprocess.run(
+        [sys.executable, "-m", "holly_hpc", "--version"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env_for_subprocess(),
+    )
+    assert module.returncode == 0 and module.stdout == version.stdout
+    # The reference is far longer than one line: head leaves after the first, the writer gets EPIPE.
+    command = shlex.join([*holly_hpc_exe(), "reference"]) + " | head -n 1"
+    piped = subprocess.run(
+        ["bash", "-c", command], check=False, capture_output=True, text=True, env=env_for_subprocess()
+    )
+    assert piped.stdout.count("\n") == 1 and piped.stdout.strip()
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr

@@ -1,0 +1,7 @@
+"""`python -m holly_hpc` is `holly-hpc`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
