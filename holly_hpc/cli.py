@@ -44,17 +44,36 @@ def _overrides_text(overrides: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_validate(args) -> int:
-    status = 0
+    status, reports = 0, []
     for path in args.specs:
         try:
             spec = load_spec(path)
         except SpecError as exc:
-            print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
-            print(str(exc), file=sys.stderr)
             status = 1
+            reports.append({"spec": str(path), "ok": False, "problems": [_problem_json(p) for p in exc.problems]})
+            if not args.json:
+                print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+                print(str(exc), file=sys.stderr)
             continue
-        print(f"{path}: OK ({spec.resolved['kind']}, {len(expand(spec))} task(s))")
+        tasks = len(expand(spec))
+        reports.append({"spec": str(path), "ok": True, "kind": spec.resolved["kind"], "tasks": tasks, "problems": []})
+        if not args.json:
+            print(f"{path}: OK ({spec.resolved['kind']}, {tasks} task(s))")
+    if args.json:
+        print(json.dumps(reports, indent=2))
     return status
+
+
+def _problem_json(problem) -> dict:
+    from .spec_yaml import format_path
+
+    return {
+        "file": problem.file,
+        "line": problem.line,
+        "column": problem.column,
+        "key": format_path(problem.path),
+        "message": problem.message,
+    }
 
 
 def cmd_plan(args) -> int:
@@ -230,8 +249,28 @@ def cmd_status(args) -> int:
                 f"note: task {index} of {experiment} was running but its process is gone: marked failed (lost)",
                 file=sys.stderr,
             )
+    if args.json:
+        now = time.time()
+        print(json.dumps([_run_json(r, now) for r in runs], indent=2))
+        return 0
     _status_table(runs, *_scheduler_states(registry, runs))
     return 0
+
+
+def _run_json(r, now: float) -> dict:
+    return {
+        "experiment": r.experiment,
+        "task": r.task_index,
+        "task_id": r.task_id,
+        "state": r.state,
+        "attempts": r.attempts,
+        "step": r.last_step,
+        "loss": r.last_loss,
+        "elapsed_s": r.elapsed(now),
+        "job_id": r.job_id,
+        "error": r.error,
+        "folder": r.out_dir,
+    }
 
 
 def cmd_cancel(args) -> int:
@@ -336,6 +375,14 @@ def cmd_list(args) -> int:
     if args.since:
         since = _parse_since(args.since)
         exps = [e for e in exps if e.created >= since]
+    if args.json:
+        rows = [
+            {"experiment": e.name, "created": e.created, "tasks": sum(e.counts.values()), "counts": dict(e.counts),
+             "folder": e.experiment_dir}
+            for e in exps
+        ]  # fmt: skip
+        print(json.dumps(rows, indent=2))
+        return 0
     _table(
         ["experiment", "created", "tasks", *list(STATES), "folder"],
         [
@@ -679,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check specs against the schema and semantic rules")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--json", action="store_true", help="print each spec's result and problems as JSON")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="show the tasks a spec expands to, without running anything")
@@ -702,12 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment name, experiment folder or spec file (default: every experiment)",
     )
     _lookup_options(p)
+    p.add_argument("--json", action="store_true", help="print the tasks as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("list", help="one line per experiment with its task counts by state")
     p.add_argument("--state", choices=STATES, help="only experiments with tasks in this state")
     p.add_argument("--since", help="only experiments created since: an age (3d, 12h, 30m) or a date (2026-11-01)")
     _lookup_options(p)
+    p.add_argument("--json", action="store_true", help="print the experiments as JSON")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("logs", help="print a task's stdout (or stderr) files")

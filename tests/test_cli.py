@@ -45,6 +45,12 @@ def test_validate_ok_and_errors(cli, write_spec):
     assert code == 1
     assert f"{bad}: 2 problem(s)" in err
     assert "train.steps: expected a value >= 1, got 0" in err and "unknown key 'lrr'; did you mean 'lr'?" in err
+    code, out, err = cli("validate", good, bad, "--json")
+    assert code == 1 and err == ""
+    ok, failed = json.loads(out)
+    assert ok == {"spec": str(good), "ok": True, "kind": "pose", "tasks": 1, "problems": []}
+    assert failed["ok"] is False and {p["key"] for p in failed["problems"]} == {"train.steps", "train.lrr"}
+    assert all(p["file"] == str(bad) and p["line"] > 0 for p in failed["problems"])
 
 
 def test_plan_shows_tasks_without_running(cli, write_spec, tmp_path):
@@ -111,6 +117,15 @@ def test_local_array_of_three_succeeds_then_resubmission_skips_it(write_spec, tm
         "folder",
     ]
     assert row[0] == "tiny" and row[3:] == ["3", "0", "0", "3", "0", "0", str(root)]
+    listed = json.loads(_sh("list", "--output-root", tmp_path / "runs", "--json").stdout)
+    assert [(e["experiment"], e["tasks"], e["counts"]["succeeded"], e["folder"]) for e in listed] == [
+        ("tiny", 3, 3, str(root))
+    ]
+    tasks = json.loads(_sh("status", root, "--json").stdout)
+    assert [(t["task"], t["task_id"], t["state"], t["step"]) for t in tasks] == [
+        (t.index, t.task_id, "succeeded", 20) for t in exp.tasks
+    ]
+    assert all(t["elapsed_s"] > 0 and t["error"] is None for t in tasks)
 
     logs = _sh("logs", root, "--task", "1")
     assert logs.returncode == 0
