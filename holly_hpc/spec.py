@@ -339,8 +339,33 @@ def _task_problems(spec: Spec) -> list[Problem]:
         task_problems = schema_problems(loaded, instance, path_map)
         if not task_problems:
             task_problems = _semantic_problems(spec, config, path_map)
+        elif all(p.message.startswith(UNKNOWN_KEY) for p in task_problems):
+            # Only misspelt keys: the rest of the config is sound, so its semantic problems (a missing data
+            # file…) are reported in the same run, not after the user has fixed the spelling.
+            task_problems += _semantic_problems_without(spec, config, path_map, task_problems)
         problems += task_problems
     return problems
+
+
+UNKNOWN_KEY = "unknown key '"
+
+
+def _semantic_problems_without(spec: Spec, config: dict, path_map, unknown: list[Problem]) -> list[Problem]:
+    """The semantic problems of `config` with its unknown keys taken out; none when a key cannot be found
+    where the problem says (a swept key) or the checks cannot run on what is left."""
+    cleaned = copy.deepcopy(config)
+    for problem in unknown:
+        *parents, key = problem.path
+        node = cleaned
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            return []
+        del node[key]
+    try:
+        return _semantic_problems(spec, cleaned, path_map)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return []
 
 
 def _semantic_problems(spec: Spec, config: dict, path_map) -> list[Problem]:

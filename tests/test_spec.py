@@ -15,6 +15,7 @@ from holly_hpc.kind_names import KINDS
 from holly_hpc.runtime import kinds
 from holly_hpc.schema_walk import apply_defaults, load_schema
 from holly_hpc.spec import KIND_NAMES, SpecError, load_spec, sweepable_paths
+from holly_hpc.spec_yaml import format_path
 
 from .conftest import REPO
 
@@ -242,3 +243,21 @@ def load_spec_problems(path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     return info.value.problems
+
+
+def test_a_misspelt_key_and_a_semantic_problem_are_reported_in_one_run(write_spec):
+    """validate lists every problem at once: the unknown key and what the rest of the spec gets wrong."""
+    path = write_spec({"data": {"structrue": "torus"}, "train": {"steps": 5, "log_every": 50}}, name="both.yaml")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    keys = [format_path(p.path) for p in err.value.problems]
+    assert keys == ["data.structrue", "train.log_every"], keys
+    assert "did you mean 'structure'" in str(err.value) and "expected at most train.steps (5)" in str(err.value)
+
+
+def test_a_wrong_value_still_hides_the_semantic_checks_that_would_read_it(write_spec):
+    """Semantic checks run beside unknown keys only: a wrongly typed value could make them misread it."""
+    path = write_spec({"train": {"steps": "many", "log_every": 50}}, name="typed.yaml")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert [format_path(p.path) for p in err.value.problems] == ["train.steps"]
