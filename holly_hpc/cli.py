@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -254,7 +255,19 @@ def cmd_status(args) -> int:
         print(json.dumps([_run_json(r, now) for r in runs], indent=2))
         return 0
     _status_table(runs, *_scheduler_states(registry, runs))
+    for r in runs:
+        if r.state == "failed" and r.error:
+            print(f"{r.task_id} failed: {failure_reason(r.error)}")
+            print(
+                f"  log: holly-hpc logs {shlex.quote(str(Path(r.out_dir).parent.parent))} --task {r.task_index} --stderr"
+            )
     return 0
+
+
+def failure_reason(error: str) -> str:
+    """A traceback (or a note) as one line: its last line, the exception type and message."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else error
 
 
 def _run_json(r, now: float) -> dict:
@@ -269,6 +282,7 @@ def _run_json(r, now: float) -> dict:
         "elapsed_s": r.elapsed(now),
         "job_id": r.job_id,
         "error": r.error,
+        "reason": failure_reason(r.error) if r.state == "failed" and r.error else None,
         "folder": r.out_dir,
     }
 

@@ -166,6 +166,12 @@ def test_failed_task_is_recorded_and_resubmission_retries_it(cli, write_spec, tm
     get_launcher("debug").launch(exp, [0])
     (run,) = reg.runs("tiny")
     assert run.state == "failed" and run.attempts == 1 and "shape.obj" in run.error
+    code, out, _ = cli("status", root)  # the reason in one line, and where the log is
+    (reason,) = [line for line in out.splitlines() if line.startswith(f"{t.task_id} failed: ")]
+    assert "shape.obj" in reason and "Traceback" not in reason and reason.count("\n") == 0
+    assert f"  log: holly-hpc logs {root} --task 0 --stderr" in out.splitlines()
+    (shown,) = json.loads(cli("status", root, "--json")[1])
+    assert shown["reason"] == reason.split(" failed: ", 1)[1]
 
     obj.write_text("".join(f"v {x} {y} {z}\n" for x, y, z in [(0, 0, 0), (1, 0, 0), (0, 2, 0), (0, 0, 3), (1, 1, 1)]))
     code, out, _ = cli("submit", path, "--cluster", "debug")
