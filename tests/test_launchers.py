@@ -92,7 +92,6 @@ def test_tasks_that_share_the_machine_share_its_cores(monkeypatch):
 
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
     launch = {"threads": None, "array_parallelism": 4}
     assert cpu_threads(launch, 10, shares_machine=True) == 2  # 8 cores, 4 tasks at once
     assert cpu_threads(launch, 2, shares_machine=True) == 4  # only 2 tasks: never more at once
@@ -100,22 +99,6 @@ def test_tasks_that_share_the_machine_share_its_cores(monkeypatch):
     assert cpu_threads({**launch, "threads": 3}, 10, shares_machine=True) == 3
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
     assert cpu_threads(launch, 10, shares_machine=False) == 6
-
-
-def test_a_loaded_machine_gives_a_local_task_only_the_cores_left_free(monkeypatch):
-    from holly_hpc.runtime.task import cpu_threads
-
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    launch = {"threads": None, "array_parallelism": 1}
-    monkeypatch.setattr("os.getloadavg", lambda: (0.2, 0.5, 0.5))
-    assert cpu_threads(launch, 1) == 2  # idle: both cores
-    monkeypatch.setattr("os.getloadavg", lambda: (2.1, 2.0, 2.0))
-    assert cpu_threads(launch, 1) == 1  # someone else keeps both busy: one thread, never zero
-    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 1.0, 1.0))
-    assert cpu_threads(launch, 1) == 1
-    assert cpu_threads({**launch, "threads": 2}, 1) == 2  # the spec's own choice stands
-    assert cpu_threads(launch, 1, shares_machine=False) == 2  # a job of its own (SLURM) uses its grant
 
 
 def test_a_runner_pickled_before_the_launchers_said_how_tasks_run_behaves_as_a_slurm_job(tmp_path):

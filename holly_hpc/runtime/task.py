@@ -39,9 +39,9 @@ def select_device(name: str, local_rank: int | None = None):
 
 def cpu_threads(launch: dict, n_tasks: int, shares_machine: bool = True) -> int:
     """launch.threads; else on SLURM the CPUs the job was given; else the cores this process may use, shared
-    among the tasks that run at once when they share the machine, and no more than the cores the machine's
-    load (1-minute average) leaves free: oversubscribed OpenMP threads slow torch down badly (a 200-step
-    quickstart took 13 min 44 s with two threads on a busy 2-core machine, 2 min 10 s with one)."""
+    among the tasks that run at once when they share the machine (oversubscribed OpenMP threads slow torch down
+    badly). The machine's load average is not used: it lags by a minute, so a task started right after another
+    finished would see the finished one's load and take one thread on an idle machine."""
     if launch.get("threads"):
         return int(launch["threads"])
     if os.environ.get("SLURM_CPUS_PER_TASK"):
@@ -50,8 +50,7 @@ def cpu_threads(launch: dict, n_tasks: int, shares_machine: bool = True) -> int:
     if not shares_machine:
         return available
     at_once = max(1, min(int(launch.get("array_parallelism", 1)), n_tasks))
-    free = available - round(os.getloadavg()[0])  # what other work already keeps busy
-    return max(1, min(available // at_once, free))
+    return max(1, available // at_once)
 
 
 def _open_lock(path: Path):
