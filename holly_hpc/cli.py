@@ -894,10 +894,6 @@ def main(argv: list[str] | None = None) -> int:
     from .registry import MissingRows
 
     args = build_parser().parse_args(argv)
-    # Idle OpenMP threads sleep instead of spinning: on a shared machine spinning threads steal the cores other
-    # tasks compute on. Set before torch loads its OpenMP runtime; tasks started from here inherit it; a value
-    # the user set stands.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -276,13 +276,3 @@ def test_version_python_dash_m_and_a_closed_pipe_without_traceback():
     )
     assert piped.stdout.count("\n") == 1 and piped.stdout.strip()
     assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr, piped.stderr
-
-
-def test_commands_let_idle_openmp_threads_sleep_unless_the_user_chose(cli, write_spec, monkeypatch):
-    monkeypatch.setenv("OMP_WAIT_POLICY", "recorded")  # so that monkeypatch restores what was there after
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    assert cli("validate", write_spec())[0] == 0
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # and the tasks it starts inherit it
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert cli("validate", write_spec())[0] == 0
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
