@@ -48,17 +48,19 @@ def test_json_rows(capsys):
     assert "images/s" in captured.err  # progress goes to stderr
 
 
-def _task_and_plain_copy():
-    """The framework's task (no augmentation) and a plain model + AdamW started from its initial weights."""
+def _task_and_plain_copy(family: str = "vqvae", augment: bool = False):
+    """The framework's task (default: no augmentation) and a plain model + AdamW over its trainable parameters
+    (not DINO's teacher) started from its initial weights."""
     from holly_hpc.embed.task import EmbedTask, build_model
 
-    cfg = config(32, 4, 4, "cpu", augment=False)
+    cfg = config(32, 4, 4, "cpu", augment=augment, family=family)
     torch.manual_seed(0)
     task = EmbedTask(cfg, torch.device("cpu"), base_dir=Path("."))
     model = build_model(cfg["model"], task.channels, 32, cfg["seed"])
     model.load_state_dict(task.model.state_dict())
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"])
     return task, model, optimizer
 
 
@@ -96,16 +98,10 @@ def test_plain_self_supervised_step_computes_the_framework_step(family):
     """The same views (the framework's generator of the step) through the plain step and the teacher update
     give the framework's parameters, DINO's teacher and centre included."""
     from holly_hpc.embed.data import step_generator
-    from holly_hpc.embed.task import EmbedTask, build_model, make_views
+    from holly_hpc.embed.task import make_views
 
-    cfg = config(32, 4, 4, "cpu", family=family)
-    torch.manual_seed(0)
-    task = EmbedTask(cfg, torch.device("cpu"), base_dir=Path("."))
-    model = build_model(cfg["model"], task.channels, 32, cfg["seed"])
-    model.load_state_dict(task.model.state_dict())
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"])
+    task, model, optimizer = _task_and_plain_copy(family, augment=True)
+    cfg = task.config
     for step in range(2):
         x, _ = task.dataset.load(task.dataset.train_indices(step, 4))
         plain_step(model, optimizer, make_views(model, x, cfg["data"], step_generator(cfg["seed"], 2, step)))

@@ -22,7 +22,7 @@ import torch
 
 from ..io import missing, resolve_path
 from ..io.images import Z_KEYS, ImageCollection, ImageFormatError, open_collection
-from .models import normalise_per_channel, percentiles
+from .models import normalise_per_channel, percentiles, scale_between
 from .synthetic import SYNTHETIC_DATASETS
 
 SPLITS = ("train", "val", "test")
@@ -244,8 +244,7 @@ class EmbedDataset:
         if self.mode == "image":
             return normalise_per_channel(raw[None], self.low, self.high)[0]
         if self.mode == "dataset":
-            lo, hi = self.levels[:, :1, None], self.levels[:, 1:, None]
-            return ((raw - lo) / (hi - lo).clamp_min(torch.finfo(raw.dtype).tiny)).clamp(0, 1)
+            return scale_between(raw, self.levels[:, :1, None], self.levels[:, 1:, None])
         return raw
 
     # ------------------------------------------------------------------ items

@@ -62,7 +62,11 @@ def normalise_per_channel(x: torch.Tensor, low: float = 0.5, high: float = 99.5)
         raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
     values = x if x.is_floating_point() else x.to(torch.float32)
     bounds = percentiles(values.flatten(-2), torch.tensor([low, high]))
-    lo, hi = bounds[..., :1, None], bounds[..., 1:, None]
+    return scale_between(values, bounds[..., :1, None], bounds[..., 1:, None])
+
+
+def scale_between(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """lo maps to 0 and hi to 1 (broadcast over values), clipped to [0, 1]; a zero span maps to 0."""
     span = (hi - lo).clamp_min(torch.finfo(values.dtype).tiny)
     return ((values - lo) / span).clamp(0, 1)
 

@@ -264,8 +264,8 @@ class EmbedTask(TaskKind):
         x = items.to(self.device, non_blocking=True)
         generator = step_generator(self.config["seed"], 2, step)
         if self.self_supervised:
-            return self._self_supervised_step(step, x, generator)
-        if self.shape is not None:
+            x = make_views(self.model, x, self.config["data"], generator)  # the views are one another's targets
+        elif self.shape is not None:
             x = reindex_matrices(x, generator) if self.config["data"]["augment"]["flips"] else x
         else:
             aug = self.config["data"]["augment"]
@@ -274,20 +274,9 @@ class EmbedTask(TaskKind):
         out = self.trained(x)
         loss = self.model.loss(x, out)
         (lr,) = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
-        # Tensors, not floats: the Trainer converts them only when it logs (no device sync every step).
-        metrics: dict[str, Any] = {"loss": loss.detach(), "lr": lr}
-        metrics.update({f"train_{k}": v.detach() for k, v in out["loss_terms"].items()})
-        metrics.update({f"train_{k}": v for k, v in out["stats"].items()})
-        return metrics
-
-    def _self_supervised_step(self, step: int, x: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
-        views = make_views(self.model, x, self.config["data"], generator)
-        self.model.train()
-        out = self.trained(views)
-        loss = self.model.loss(None, out)
-        (lr,) = optimiser_step(loss, self.optimizer, self.scheduler, weights=self.weights)
         if hasattr(self.model, "after_step"):
             self.model.after_step(step, self.config["train"]["steps"])  # DINO's teacher follows the student
+        # Tensors, not floats: the Trainer converts them only when it logs (no device sync every step).
         metrics: dict[str, Any] = {"loss": loss.detach(), "lr": lr}
         metrics.update({f"train_{k}": v.detach() for k, v in out["loss_terms"].items()})
         metrics.update({f"train_{k}": v for k, v in out["stats"].items()})
