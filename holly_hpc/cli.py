@@ -119,6 +119,12 @@ def cmd_submit(args) -> int:
     if sub.launched:
         print("jobs: " + ", ".join(f"task {t.task_index} -> {t.job_id}" for t in sub.launched))
     if args.wait and not sub.launcher.synchronous and sub.launched:
+        steps = sorted({exp.task(t.task_index).config["train"]["steps"] for t in sub.launched})
+        print(
+            f"following {len(sub.launched)} task(s) of {'/'.join(map(str, steps))} steps "
+            f"(Ctrl-C stops watching; the tasks go on). Each task's log: holly-hpc logs {shlex.quote(str(exp.root))} "
+            "--task N"
+        )
         try:
             wait(sub)
         except KeyboardInterrupt:
@@ -127,7 +133,7 @@ def cmd_submit(args) -> int:
     code = 0
     if args.wait or sub.launcher.synchronous:
         runs = sub.registry.runs(exp.name)
-        _status_table(runs)
+        _summary_table(exp, runs)
         states = [r.state for r in runs]
         elapsed = _duration(time.time() - started)
         if "failed" in states or any(s in ("pending", "running") for s in states):
@@ -146,6 +152,18 @@ def cmd_submit(args) -> int:
     print(f"status:      holly-hpc status {exp.root}")
     print(f"tensorboard: tensorboard --logdir {exp.root / 'tasks'}")
     return code
+
+
+def _summary_table(exp: Experiment, runs) -> None:
+    """Each task's state and its kind's main final metrics, then the reason of each failure."""
+    from .launch.progress import summary_rows
+
+    headers, rows = summary_rows(runs, {t.index: t.config["kind"] for t in exp.tasks})
+    _table(headers, rows)
+    for r in runs:
+        if r.state == "failed" and r.error:
+            print(f"{r.task_id} failed: {failure_reason(r.error)}")
+            print(f"  log: holly-hpc logs {shlex.quote(str(exp.root))} --task {r.task_index} --stderr")
 
 
 def _registry_for(args, target: str | None):

@@ -78,7 +78,17 @@ def test_local_array_of_three_succeeds_then_resubmission_skips_it(write_spec, tm
     root = tmp_path / "runs" / "tiny"
     assert "experiment tiny: 3 task(s), 3 launched (local), 0 already succeeded" in done.stdout
     assert f"outputs:     {root}" in done.stdout
+    assert "following 3 task(s) of 20 steps" in done.stdout
     exp = Experiment.load(root)
+    # It ends with each task's main final metrics, as final/metrics.json holds them.
+    lines = done.stdout.splitlines()
+    (head,) = [i for i, line in enumerate(lines) if line.startswith("task ")]
+    assert lines[head].split() == ["task", "state", "rot_err_median_deg", "rot_within_10deg", "eval_loss", "elapsed"]
+    for line, task in zip(lines[head + 1 : head + 4], exp.tasks, strict=True):
+        final = json.loads((exp.task_dir(task.index) / "final" / "metrics.json").read_text())
+        cells = line.split()
+        assert cells[:2] == [task.task_id, "succeeded"]
+        assert cells[2:5] == [f"{final[k]:.4g}" for k in ("rot_err_median_deg", "rot_within_10deg", "eval_loss")]
     assert (root / "spec.yaml").read_text() == path.read_text()  # the frozen copy
     reg = open_registry(exp.registry_url)
     runs = reg.runs("tiny")

@@ -23,6 +23,7 @@ from ..spec_values import refuse_control
 from ..sweep import expand
 from .executors import LaunchedTask, Launcher, get_launcher
 from .liveness import reap_lost
+from .progress import Progress
 
 
 @dataclass
@@ -134,17 +135,12 @@ def wait(
     exp, registry = submission.experiment, submission.registry
     wanted = {t.task_index for t in submission.launched}
     jobs = [t.job for t in submission.launched]
-    seen: dict[int, tuple] = {}
+    progress = progress_for(submission, wanted)
     start = time.time()
     while True:
         runs = {r.task_index: r for r in registry.runs(exp.name) if r.task_index in wanted}
-        for index, run in sorted(runs.items()):
-            key = (run.state, run.last_step)
-            if seen.get(index) != key:
-                seen[index] = key
-                loss = "" if run.last_loss is None else f" loss {run.last_loss:.4g}"
-                step = "" if run.last_step is None else f" step {run.last_step}"
-                print(f"[{run.task_id}] {run.state}{step}{loss}", file=out, flush=True)
+        for line in progress.update(runs):
+            print(line, file=out, flush=True)
         if all(r.state in TERMINAL_STATES for r in runs.values()):
             return all(r.state == "succeeded" for r in runs.values())
         if jobs and all(_job_done(j) for j in jobs):
@@ -166,6 +162,24 @@ def wait(
             print("stopped waiting (timeout); the tasks go on", file=out, flush=True)
             return False
         time.sleep(poll_s)
+
+
+def progress_for(submission: Submission, wanted: set[int]) -> Progress:
+    """The progress printer of these launched tasks: their steps and kinds from the frozen plan, the key metric
+    read from the registry's metric rows when a task has moved on."""
+    exp, registry = submission.experiment, submission.registry
+    tasks = {t.index: t for t in exp.tasks if t.index in wanted}
+
+    def latest(index: int, key: str) -> float | None:
+        values = [value for _, name, value in registry.metrics(exp.name, index) if name == key]
+        return values[-1] if values else None
+
+    return Progress(
+        {i: t.config["train"]["steps"] for i, t in tasks.items()},
+        {i: t.config["kind"] for i, t in tasks.items()},
+        exp.launch["array_parallelism"],
+        latest,
+    )
 
 
 def _job_done(job) -> bool:
