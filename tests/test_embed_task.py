@@ -374,7 +374,7 @@ def test_training_writes_embeddings_equal_to_the_checkpoint_encoder_output(write
 
     events = EventAccumulator(str(task_dir / "tb"), size_guidance={"histograms": 0}).Reload()
     assert "codebook/codes_used_by_held_out_images" in events.Tags()["histograms"]
-    assert {"loss", "eval_loss", "eval_perplexity", "train_commitment"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "eval/perplexity", "train/commitment"} <= set(events.Tags()["scalars"])
     assert "eval/inputs_vs_reconstructions" in events.Tags()["images"]
 
 

@@ -117,7 +117,7 @@ def test_quickstart_reaches_under_10_degrees_and_shows_in_tensorboard(tmp_path):
         task_run = f"{metrics_file.parent.parent.name}/tb"
         assert runs == [task_run]
         tags = _get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags")
-        assert {"loss", "rot_err_median_deg"} <= set(tags[task_run])
+        assert {"train/loss", "eval/rot_err_median_deg"} <= set(tags[task_run])
     finally:
         tb.terminate()
         tb.wait(10)

@@ -343,7 +343,9 @@ def test_outputs_tensorboard_mesh_zarr_and_final_files(tmp_path, cli):
     task_dir = exp.task_dir(0)
     ea = EventAccumulator(str(task_dir / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     ea.Reload()
-    assert {"loss", "sigma", "lr_points", "structure_error", "rot_err_median_deg"} <= set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/sigma", "train/lr_points", "eval/structure_error", "eval/rot_err_median_deg"} <= set(
+        ea.Tags()["scalars"]
+    )
     assert [e.step for e in ea.Images("structure/views")] == [10, 20, 30]
     assert any(tag.startswith("structure/points") for tag in ea.PluginTagToContent("mesh"))
     group = zarr.open_group(str(task_dir / "outputs.zarr"), mode="r")

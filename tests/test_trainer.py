@@ -88,8 +88,9 @@ def test_outputs_readable_back(write_spec, tmp_path):
     ea = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
     tags = ea.Tags()
-    assert {"loss", "rot_err_median_deg", "eval_loss", "lr"} <= set(tags["scalars"])
-    assert [e.step for e in ea.Scalars("loss")] == [5, 10, 15, 20]
+    # grouped by where they come from: the training step's, the held-out evaluation's
+    assert {"train/loss", "train/lr", "eval/rot_err_median_deg", "eval/loss"} <= set(tags["scalars"])
+    assert [e.step for e in ea.Scalars("train/loss")] == [5, 10, 15, 20]
     assert [e.step for e in ea.Images("eval/inputs_vs_renders")] == [5, 10, 15, 20]
     hp = ea.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hp)
@@ -120,7 +121,7 @@ def test_outputs_readable_back(write_spec, tmp_path):
     rows = reg.metrics(exp.name, 0)
     assert sorted({s for s, _, _ in rows}) == [5, 10, 15, 20]
     (run,) = reg.runs(exp.name)
-    assert run.last_step == 20 and run.last_loss == pytest.approx(ea.Scalars("loss")[-1].value, rel=1e-6)
+    assert run.last_step == 20 and run.last_loss == pytest.approx(ea.Scalars("train/loss")[-1].value, rel=1e-6)
 
 
 def test_a_failing_registry_does_not_stop_training_and_nothing_is_lost(write_spec, tmp_path):
@@ -153,3 +154,53 @@ def test_a_failing_registry_does_not_stop_training_and_nothing_is_lost(write_spe
     assert sorted({s for s, _, _ in good.metrics(exp.name, 0)}) == [5, 10, 15, 20]
     (run,) = good.runs(exp.name)
     assert run.last_step == 20
+
+
+def test_scalar_tags_group_training_and_evaluation():
+    from holly_hpc.runtime.outputs import scalar_tags
+
+    tags = scalar_tags({"loss": 1.0, "train_commitment": 2.0, "lr": 0.1}, {"eval_loss": 3.0, "codebook/used": 4.0})
+    assert tags == {"train/loss": 1.0, "train/commitment": 2.0, "train/lr": 0.1, "eval/loss": 3.0, "codebook/used": 4.0}
+
+
+def test_hparams_show_the_swept_keys_and_the_kinds_main_ones_with_booleans_as_booleans(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    from holly_hpc.runtime.outputs import TensorBoardSink, chosen_hparams
+
+    config = {
+        "kind": "pose",
+        "seed": 3,
+        "data": {"structure": "torus", "sigma": 1.5, "image_size": 32, "flag": True},
+        "train": {"lr": 0.001, "batch_size": 8, "steps": 20, "log_every": 5},
+        "model": {"channels": [4, 8], "hypotheses": 2},
+    }
+    chosen = chosen_hparams(config, ["data.flag", "model.channels"])
+    assert chosen == {
+        "kind": "pose",
+        "seed": 3,
+        "train.lr": 0.001,
+        "train.batch_size": 8,
+        "train.steps": 20,
+        "data.structure": "torus",
+        "data.sigma": 1.5,
+        "model.hypotheses": 2,
+        "data.flag": True,
+        "model.channels": "[4, 8]",
+    }
+    assert "data.image_size" in chosen_hparams(config, None)  # no sweep known: every key
+
+    sink = TensorBoardSink(tmp_path)
+    sink.hparams(chosen, {"rot_err_median_deg": 2.0}, 20)
+    sink.close()
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    content = ea.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["data.flag"].WhichOneof("kind") == "bool_value"
+    assert start.session_start_info.hparams["data.flag"].bool_value is True
+    assert start.session_start_info.hparams["train.lr"].number_value == 0.001
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    types = {info.name: info.type for info in experiment.hparam_infos}
+    assert types["data.flag"] == api_pb2.DATA_TYPE_BOOL and types["train.lr"] == api_pb2.DATA_TYPE_FLOAT64

@@ -189,6 +189,7 @@ class TensorBoardSink:
 
         tagged = {f"hparams/{k}": float(v) for k, v in final_metrics.items()}
         exp, ssi, sei = hparams_summary(hparams, tagged)
+        _booleans_as_booleans(exp, ssi, [k for k, v in hparams.items() if isinstance(v, bool)])
         for summary in (exp, ssi, sei):
             self.writer.file_writer.add_summary(summary)
         self.scalars(step, tagged)
@@ -196,6 +197,57 @@ class TensorBoardSink:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def _booleans_as_booleans(exp, ssi, keys: list[str]) -> None:
+    """torch's hparams() tests isinstance(v, int) before bool, so True arrives in TensorBoard as the number 1;
+    rewrite those values and their declared types as booleans."""
+    if not keys:
+        return
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    for summary, edit in ((ssi, "session"), (exp, "experiment")):
+        content = summary.value[0].metadata.plugin_data
+        data = plugin_data_pb2.HParamsPluginData.FromString(content.content)
+        if edit == "session":
+            for key in keys:
+                value = data.session_start_info.hparams[key].number_value
+                data.session_start_info.hparams[key].bool_value = bool(value)
+        else:
+            for info in data.experiment.hparam_infos:
+                if info.name in keys:
+                    info.type = api_pb2.DATA_TYPE_BOOL
+        content.content = data.SerializeToString()
+
+
+# Besides the keys a sweep varies, the hparams of a run show these, the ones its kind is compared by.
+COMMON_HPARAMS = ("kind", "seed", "train.lr", "train.batch_size", "train.steps")
+MAIN_HPARAMS = {
+    "pose": ("data.structure", "data.sigma", "data.num_points", "model.hypotheses"),
+    "reconstruct": ("data.source", "data.sigma", "model.num_points", "model.symmetry"),
+    "embed": ("model.family", "model.latent_dim", "model.width", "model.depth"),
+    "generate": ("model.noise_dim", "model.categorical", "model.continuous"),
+}
+
+
+def chosen_hparams(config: dict, varying: list[str] | None) -> dict:
+    """The hparams TensorBoard shows for a run: the keys its sweep varies plus its kind's main ones (all keys
+    when `varying` is None), booleans kept as booleans."""
+    flat = flat_hparams(config)
+    if varying is None:
+        return flat
+    wanted = [*COMMON_HPARAMS, *MAIN_HPARAMS.get(config.get("kind", ""), ()), *varying]
+    return {key: flat[key] for key in dict.fromkeys(wanted) if key in flat}
+
+
+def scalar_tags(train: dict[str, float], evaluation: dict[str, float]) -> dict[str, float]:
+    """TensorBoard tags grouped by where they come from: train/loss, train/lr ... and eval/loss,
+    eval/rot_err_median_deg ... (a kind's eval_ or train_ prefix is dropped); a key with its own group keeps it."""
+
+    def tag(group: str, key: str) -> str:
+        return key if "/" in key else f"{group}/{key.removeprefix(group + '_')}"
+
+    return {**{tag("train", k): v for k, v in train.items()}, **{tag("eval", k): v for k, v in evaluation.items()}}
 
 
 def flat_hparams(config: dict) -> dict:

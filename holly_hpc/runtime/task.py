@@ -142,8 +142,19 @@ def run_task(
         index,
         flush_s=experiment.plan.get("registry_flush_s", 10.0),
     )
+    varying = list(dict.fromkeys(key for t in experiment.tasks for key in t.overrides))
+    if len({t.seed for t in experiment.tasks}) > 1:
+        varying.append("seed")
     trainer = Trainer(
-        kind, config, TaskPaths(experiment.task_dir(index)), reporter, label=task.task_id, out=out, stop=stop, dist=dist
+        kind,
+        config,
+        TaskPaths(experiment.task_dir(index)),
+        reporter,
+        label=task.task_id,
+        out=out,
+        stop=stop,
+        dist=dist,
+        hparam_keys=varying,
     )
     result = trainer.run(stop_after_step=stop_after_step)
     if dist.active:

@@ -21,7 +21,8 @@ from .outputs import (
     MetricsStore,
     TaskPaths,
     TensorBoardSink,
-    flat_hparams,
+    chosen_hparams,
+    scalar_tags,
     write_json_atomic,
 )
 from .preemption import Preempted, StopRequest
@@ -94,11 +95,13 @@ class Trainer:
         out: TextIO | None = None,
         stop: StopRequest | None = None,
         dist: DistInfo | None = None,
+        hparam_keys: list[str] | None = None,
     ):
         self.kind, self.config, self.paths = kind, config, paths.make()
         self.stop, self.dist = stop or StopRequest(), dist or DistInfo()
         self.reporter = reporter or RegistryReporter(None, "", 0)
         self.label, self.out = label, out or sys.stdout
+        self.hparam_keys = hparam_keys  # the keys the sweep varies (None: every key of the config)
         train = config["train"]
         self.steps, self.log_every = train["steps"], train["log_every"]
         self.checkpoint_every, self.keep = train["checkpoint_every"], train["keep_checkpoints"]
@@ -199,8 +202,9 @@ class Trainer:
                 self.step += 1
                 if self.step % self.log_every == 0 and main:
                     metrics = {k: float(v) for k, v in metrics.items()}  # kinds may return tensors
-                    metrics.update(self.kind.evaluate())
-                    tb.scalars(self.step, metrics)
+                    evaluation = self.kind.evaluate()
+                    tb.scalars(self.step, scalar_tags(metrics, evaluation))
+                    metrics.update(evaluation)
                     for tag, image in self.kind.image_grids().items():
                         tb.image(tag, self.step, image)
                     for tag, points in self.kind.point_clouds().items():
@@ -232,7 +236,7 @@ class Trainer:
                 tb.image(tag, self.step, image)
             for tag, view in self.kind.projector().items():
                 tb.embedding(tag, self.step, view["embeddings"], view.get("labels"), view.get("thumbnails"))
-            tb.hparams(flat_hparams(self.config), final, self.step)
+            tb.hparams(chosen_hparams(self.config, self.hparam_keys), final, self.step)
             write_json_atomic(self.paths.final / "metrics.json", {"step": self.step, **final})
             self._print("done  " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
             for line in self.kind.final_report():
