@@ -204,3 +204,39 @@ def test_hparams_show_the_swept_keys_and_the_kinds_main_ones_with_booleans_as_bo
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     types = {info.name: info.type for info in experiment.hparam_infos}
     assert types["data.flag"] == api_pb2.DATA_TYPE_BOOL and types["train.lr"] == api_pb2.DATA_TYPE_FLOAT64
+
+
+def test_a_sweep_names_each_tensorboard_run_after_its_overrides(write_spec, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    sweep = {"sweep": {"grid": {"train.lr": [0.003, 0.001], "data.sigma": [2]}}, "train": {"steps": 5, "log_every": 5}}
+    exp, _ = _experiment(write_spec, tmp_path, "named", sweep)
+    for task in exp.tasks:
+        run_task(exp, task.index, out=io.StringIO())
+    # TensorBoard over the experiment's tasks/ (the README's command) lists runs that say what differs.
+    mux = EventMultiplexer().AddRunsFromDirectory(str(exp.root / "tasks"))
+    mux.Reload()
+    assert sorted(mux.Runs()) == sorted(f"{t.task_id}/tb/lr={t.overrides['train.lr']} sigma=2" for t in exp.tasks)
+    for run in mux.Runs():
+        events = EventAccumulator(str(exp.root / "tasks" / run)).Reload()
+        assert "train/loss" in events.Tags()["scalars"]
+
+
+def test_tensorboard_run_names_stay_one_folder_whatever_the_override_says():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from holly_hpc.runtime.outputs import tensorboard_run_name
+
+    assert tensorboard_run_name({}) == ""
+    assert tensorboard_run_name({"data.sigma": 2, "model.sigma": 1}) == "data.sigma=2 model.sigma=1"
+    assert tensorboard_run_name({"data.structure": "../../etc/passwd"}) == "structure=.._.._etc_passwd"
+
+    @given(st.dictionaries(st.text(min_size=1, max_size=20), st.one_of(st.text(), st.floats(), st.integers())))
+    def check(overrides):
+        name = tensorboard_run_name(overrides)
+        assert "/" not in name and "\x00" not in name and name not in (".", "..") and len(name) <= 120
+        assert name == name.strip()
+
+    check()

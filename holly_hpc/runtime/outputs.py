@@ -1,7 +1,8 @@
 """A task's folder and the sinks that fill it: TensorBoard events, the zarr v3 store, PNG images.
 
 <task dir>/checkpoints/  step_XXXXXXXX.pt (atomic, newest K kept)
-           tb/           TensorBoard event files of this task's run (scalars, images, hparams)
+           tb/           TensorBoard event files of this task's run (scalars, images, hparams); in a sweep,
+                         in tb/<its overrides>/ so TensorBoard names the run after them
            outputs.zarr/ metrics/<key>[log index] and metrics/step, plus the kind's arrays
            final/        metrics.json and the kind's files (renders.png, structure.ply, ...)
            data/         what the task read, as it read it (summary.json; picked.csv and picked.png)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,25 @@ import torch
 from ..experiment import inside
 
 
+def tensorboard_run_name(overrides: dict) -> str:
+    """The folder under tb/ that names a swept task's run in TensorBoard after its overrides ("lr=0.001
+    sigma=2", the last part of each key unless two keys share it), so runs read as what differs between them,
+    not as hashes; "" (events straight in tb/) for a task without overrides. Override values are user text:
+    anything but letters, digits and ._=+-,[] becomes _, so the name stays one folder inside tb/."""
+    last = [key.rsplit(".", 1)[-1] for key in overrides]
+    words = []
+    for key, short in zip(overrides, last, strict=True):
+        value = overrides[key]
+        text = value if isinstance(value, str) else json.dumps(value)
+        words.append(f"{short if last.count(short) == 1 else key}={text}")
+    name = re.sub(r"[^A-Za-z0-9._=+,\[\] -]", "_", " ".join(words)).strip()[:120].strip()
+    return "" if set(name) <= {"."} else name
+
+
 @dataclass(frozen=True)
 class TaskPaths:
     root: Path
+    run_name: str = ""  # tensorboard_run_name of the task's overrides
 
     @property
     def checkpoints(self) -> Path:
@@ -31,7 +49,7 @@ class TaskPaths:
 
     @property
     def tb(self) -> Path:
-        return self.root / "tb"
+        return self.root / "tb" / self.run_name if self.run_name else self.root / "tb"
 
     @property
     def zarr(self) -> Path:
@@ -48,7 +66,7 @@ class TaskPaths:
     def make(self) -> TaskPaths:
         """Create the folders, refusing any that is a symbolic link out of the task folder."""
         for d in (self.checkpoints, self.tb, self.zarr, self.final, self.data):
-            inside(self.root, d.name)
+            inside(self.root, d.relative_to(self.root))
         for d in (self.checkpoints, self.tb, self.final, self.data):
             d.mkdir(parents=True, exist_ok=True)
         return self

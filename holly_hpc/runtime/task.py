@@ -124,7 +124,7 @@ def run_task(
 
     from .checkpoint import seed_everything
     from .kinds import get_kind
-    from .outputs import TaskPaths
+    from .outputs import TaskPaths, tensorboard_run_name
     from .trainer import RegistryReporter, Trainer
 
     dist = dist or DistInfo()
@@ -148,7 +148,7 @@ def run_task(
     trainer = Trainer(
         kind,
         config,
-        TaskPaths(experiment.task_dir(index)),
+        TaskPaths(experiment.task_dir(index), tensorboard_run_name(task.overrides)),
         reporter,
         label=task.task_id,
         out=out,
