@@ -147,6 +147,10 @@ def cmd_submit(args) -> int:
             code = EXIT_CANCELLED
         else:
             print(f"finished in {elapsed}")
+        if not sub.launcher.synchronous:
+            from .launch.report import report
+
+            _report_table(report(exp, sub.registry, sub.launcher))
     print(f"outputs:     {exp.root}")
     print(f"registry:    {exp.registry_url}")
     print(f"status:      holly-hpc status {exp.root}")
@@ -164,6 +168,56 @@ def _summary_table(exp: Experiment, runs) -> None:
         if r.state == "failed" and r.error:
             print(f"{r.task_id} failed: {failure_reason(r.error)}")
             print(f"  log: holly-hpc logs {shlex.quote(str(exp.root))} --task {r.task_index} --stderr")
+
+
+def cmd_report(args) -> int:
+    from .launch.executors import get_launcher
+    from .launch.report import report
+
+    exp = _experiment_from(args, args.experiment)
+    registry = open_registry(runtime_url(exp.registry_url))
+    found = report(exp, registry, get_launcher(exp.launch["cluster"]))
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    _report_table(found)
+    return 0
+
+
+def _report_table(found: dict) -> None:
+    def pct(part, whole):
+        return "-" if part is None or not whole else f"{100 * part / whole:.0f}%"
+
+    def mb(value):
+        return "-" if value is None else f"{value:.0f}"
+
+    rows = [
+        [
+            r["task"],
+            r["state"],
+            r["attempts"],
+            "-" if r["wall_s"] is None else _duration(r["wall_s"]),
+            pct(r["longest_attempt_s"], r["time_limit_s"]),
+            "-" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}",
+            r["threads"] or "-",
+            pct(r["cpu_efficiency"], 1.0),
+            mb(max(r["max_rss_mb"] or 0.0, r.get("slurm_max_rss_mb") or 0.0) if r["max_rss_mb"] is not None else None),
+            mb(r["mem_requested_mb"]),
+            mb(r["gpu_max_memory_mb"]),
+        ]
+        for r in found["tasks"]
+    ]
+    headers = ["task", "state", "attempts", "wall", "of_limit", "cpu_s", "threads", "cpu_eff", "peak_mb", "req_mb"]
+    _table([*headers, "gpu_mb"], rows)
+    total = found["total"]
+    print(
+        f"total: {total['tasks']} task(s), {total['attempts']} attempt(s), {_duration(total['wall_s'])} wall "
+        f"of {_duration(total['requested_wall_s'])} requested, {total['cpu_s']:.0f} CPU s"
+    )
+    if found["suggestion"]:
+        print("next submission: resources: " + json.dumps(found["suggestion"]))
+    if found["note"]:
+        print(f"note: {found['note']}", file=sys.stderr)
 
 
 def _registry_for(args, target: str | None):
@@ -791,6 +845,12 @@ def build_parser() -> argparse.ArgumentParser:
     _lookup_options(p)
     p.add_argument("--json", action="store_true", help="print the experiments as JSON")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("report", help="requested vs used wall time, CPU and memory per task, and what to ask next")
+    p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")
+    _lookup_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("logs", help="print a task's stdout (or stderr) files")
     p.add_argument("experiment", metavar="EXPERIMENT", help="experiment name or folder")

@@ -82,7 +82,7 @@ def test_local_array_of_three_succeeds_then_resubmission_skips_it(write_spec, tm
     exp = Experiment.load(root)
     # It ends with each task's main final metrics, as final/metrics.json holds them.
     lines = done.stdout.splitlines()
-    (head,) = [i for i, line in enumerate(lines) if line.startswith("task ")]
+    head = next(i for i, line in enumerate(lines) if line.startswith("task "))
     assert lines[head].split() == ["task", "state", "rot_err_median_deg", "rot_within_10deg", "eval_loss", "elapsed"]
     for line, task in zip(lines[head + 1 : head + 4], exp.tasks, strict=True):
         final = json.loads((exp.task_dir(task.index) / "final" / "metrics.json").read_text())
@@ -100,6 +100,13 @@ def test_local_array_of_three_succeeds_then_resubmission_skips_it(write_spec, tm
     # Three local jobs of one array: distinct job ids recorded per attempt.
     for i in range(3):
         assert (exp.task_dir(i) / "final" / "metrics.json").exists()
+
+    # ... then the efficiency report, from what each task measured of itself
+    assert any(line.startswith("next submission: resources: ") for line in lines)
+    found = json.loads(_sh("report", root, "--json").stdout)
+    assert [(r["task"], r["attempts"]) for r in found["tasks"]] == [(t.task_id, 1) for t in exp.tasks]
+    assert all(r["cpu_s"] > 0 and r["max_rss_mb"] > 50 and 0 < r["wall_s"] < 600 for r in found["tasks"])
+    assert found["total"]["attempts"] == 3 and found["suggestion"]["time"] >= 1
 
     again = _sh("submit", path)
     assert again.returncode == 0

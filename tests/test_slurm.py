@@ -98,6 +98,11 @@ def test_a_sweep_of_four_runs_as_a_slurm_array_with_job_ids(slurm, write_spec, t
     assert [(r[1], r[2], r[7]) for r in rows[1:]] == [(r.task_id, "succeeded", r.job_id) for r in runs]
     logs = _sh("logs", tmp_path / "runs" / "tiny", "--task", "3")
     assert logs.returncode == 0 and "step 20/20" in logs.stdout
+    # The efficiency report: one sacct call adds the scheduler's view of each array element.
+    found = json.loads(_sh("report", tmp_path / "runs" / "tiny", "--json").stdout)
+    assert found["note"] is None
+    assert [r["slurm_state"] for r in found["tasks"]] == ["COMPLETED"] * 4
+    assert all(r["slurm_cpu_s"] > 0 and r["attempts"] == 1 and r["cpu_s"] > 0 for r in found["tasks"])
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import submitit
 from ..experiment import Experiment, restore_registry
 from ..registry import open_registry, runtime_url
 from ..registry.spool import SPOOL_FILE, SpooledRegistry
+from . import usage
 from .distributed import DistInfo, setup_distributed, teardown_distributed
 from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, exit_for_requeue, exit_stopped
 from .processes import process_identity
@@ -261,8 +262,18 @@ class TaskRunner(submitit.helpers.Checkpointable):
             name, index, current_job_id(), socket.gethostname(), os.getpid(), at=started, proc_start=process_identity()
         )
 
+        cpu_at_start = usage.cpu_seconds()
+
         def end(reason: str, error: str | None = None) -> None:
             registry.end_attempt(name, index, self._attempt, reason, error, started=started)
+            with contextlib.suppress(OSError):  # the figures are for `report`; never a reason to fail a task
+                usage.record(
+                    experiment.task_dir(index),
+                    self._attempt,
+                    current_job_id(),
+                    reason,
+                    usage.measure(started, cpu_at_start),
+                )
 
         try:
             result = run_task(experiment, index, registry, stop=stop, dist=dist, shares_machine=self.shares_machine)
