@@ -7,7 +7,8 @@ import types
 
 import pytest
 
-from holly_hpc.launch.report import memory_mb, parse_sacct, slurm_seconds, suggestion, task_rows
+from holly_hpc.launch.report import suggestion, task_rows
+from holly_hpc.launch.slurm import memory_mb, parse_sacct, slurm_seconds
 from holly_hpc.runtime import usage
 
 

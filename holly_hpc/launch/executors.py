@@ -99,6 +99,11 @@ class Launcher(ABC):
         asked now: then a note on stderr says why). Local processes have none: the registry tells."""
         return None
 
+    def usage(self, job_ids: list[str]) -> dict[str, dict] | None:
+        """What the scheduler measured of each job (state, cpu_s, max_rss_mb), for `report`; None where there is
+        no scheduler (the tasks' own usage records then stand alone). Raises when the scheduler cannot be asked."""
+        return None
+
     def ended_as(self, scheduler_state: str) -> str | None:
         """The registry state a task the registry still counts as pending/running has in truth, when its job
         is in `scheduler_state` (e.g. cancelled by the scheduler); None while the job may still report."""
@@ -336,6 +341,11 @@ class SlurmLauncher(Launcher):
         except (SlurmError, OSError) as exc:  # e.g. `holly-hpc status` away from the cluster
             print(f"note: cannot ask SLURM for the jobs' states ({exc})", file=sys.stderr)
             return None
+
+    def usage(self, job_ids):
+        from .slurm import sacct_usage
+
+        return sacct_usage(job_ids)
 
     def ended_as(self, scheduler_state):
         return self.ENDED.get(scheduler_state)

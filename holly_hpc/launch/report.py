@@ -2,69 +2,18 @@
 memory, GPU memory), with a suggestion for the next submission.
 
 The figures come from the tasks themselves (runtime/usage.py: usage.jsonl, one line per attempt), so a local
-run is reported as a SLURM one is; on SLURM, one batched sacct call for all of the experiment's jobs adds the
-scheduler's view (TotalCPU, MaxRSS over the job's steps, the exit state).
+run is reported as a SLURM one is; where the launcher has a scheduler to ask (Launcher.usage; SLURM: one batched
+sacct call for all of the experiment's jobs), its view is added (TotalCPU, MaxRSS over the job's steps, the state).
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 from ..runtime import usage as usage_records
+from .slurm import memory_mb
 
 MARGIN = 1.25  # the suggestion leaves this much headroom over the largest use seen
-UNITS_MB = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
-
-
-def memory_mb(text: str | None) -> float | None:
-    """'16G', '4000M', '512K', '2.5G' (SLURM's units; a bare number is MB) -> MB."""
-    if not text:
-        return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), flags=re.I)
-    if not match:
-        return None
-    return float(match.group(1)) * UNITS_MB[(match.group(2) or "M").upper()]
-
-
-def slurm_seconds(text: str) -> float | None:
-    """sacct's durations: '12:34.567', '01:02:03', '1-02:03:04' -> seconds."""
-    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)", text.strip())
-    if not match:
-        return None
-    days, hours, minutes, seconds = match.groups()
-    return int(days or 0) * 86400 + int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
-
-
-def parse_sacct(text: str) -> dict[str, dict]:
-    """`sacct -n -P --format=JobID,State,TotalCPU,MaxRSS` lines -> per job (the array element, steps folded in):
-    state (of the allocation line), cpu_s (its TotalCPU, which sums its steps) and max_rss_mb (over the steps)."""
-    jobs: dict[str, dict] = {}
-    for line in text.splitlines():
-        parts = line.split("|")
-        if len(parts) < 4:
-            continue
-        job_id, state, total_cpu, max_rss = parts[:4]
-        job, _, step = job_id.partition(".")
-        row = jobs.setdefault(job, {"state": None, "cpu_s": None, "max_rss_mb": None})
-        if not step:
-            row["state"] = state.split()[0] if state else None
-            row["cpu_s"] = slurm_seconds(total_cpu) if total_cpu else None
-        rss = memory_mb(max_rss)
-        if rss is not None:
-            row["max_rss_mb"] = max(row["max_rss_mb"] or 0.0, rss)
-    return jobs
-
-
-def sacct_usage(job_ids: list[str]) -> dict[str, dict]:
-    """One sacct call for every job of the experiment (never one per task)."""
-    from .slurm import _run
-
-    arrays = sorted({j.split("_")[0] for j in job_ids if j})
-    if not arrays:
-        return {}
-    out = _run(["sacct", "-n", "-P", "--format=JobID,State,TotalCPU,MaxRSS", "-j", ",".join(arrays)])
-    return parse_sacct(out)
 
 
 def task_rows(experiment, runs, scheduler: dict[str, dict] | None = None) -> list[dict]:
@@ -128,11 +77,10 @@ def suggestion(experiment, rows: list[dict]) -> dict:
 def report(experiment, registry, launcher) -> dict:
     runs = registry.runs(experiment.name)
     scheduler, note = None, None
-    if launcher.name == "slurm":
-        try:
-            scheduler = sacct_usage([r.job_id for r in runs if r.job_id])
-        except Exception as exc:  # away from the cluster: the tasks' own figures still stand
-            note = f"sacct could not be asked ({exc})"
+    try:
+        scheduler = launcher.usage([r.job_id for r in runs if r.job_id])
+    except Exception as exc:  # away from the cluster: the tasks' own figures still stand
+        note = f"the scheduler could not be asked ({exc})"
     rows = task_rows(experiment, runs, scheduler)
     measured = [r for r in rows if r["wall_s"] is not None]
     total = {

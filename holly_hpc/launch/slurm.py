@@ -199,3 +199,54 @@ def requeue_teardown() -> list[str]:
         "fi",
         'exit "$holly_rc"',
     ]
+
+
+UNITS_MB = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
+
+
+def memory_mb(text: str | None) -> float | None:
+    """'16G', '4000M', '512K', '2.5G' (SLURM's units; a bare number is MB) -> MB."""
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text), flags=re.I)
+    if not match:
+        return None
+    return float(match.group(1)) * UNITS_MB[(match.group(2) or "M").upper()]
+
+
+def slurm_seconds(text: str) -> float | None:
+    """sacct's durations: '12:34.567', '01:02:03', '1-02:03:04' -> seconds."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)", text.strip())
+    if not match:
+        return None
+    days, hours, minutes, seconds = match.groups()
+    return int(days or 0) * 86400 + int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def parse_sacct(text: str) -> dict[str, dict]:
+    """`sacct -n -P --format=JobID,State,TotalCPU,MaxRSS` lines -> per job (the array element, steps folded in):
+    state (of the allocation line), cpu_s (its TotalCPU, which sums its steps) and max_rss_mb (over the steps)."""
+    jobs: dict[str, dict] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        job_id, state, total_cpu, max_rss = parts[:4]
+        job, _, step = job_id.partition(".")
+        row = jobs.setdefault(job, {"state": None, "cpu_s": None, "max_rss_mb": None})
+        if not step:
+            row["state"] = state.split()[0] if state else None
+            row["cpu_s"] = slurm_seconds(total_cpu) if total_cpu else None
+        rss = memory_mb(max_rss)
+        if rss is not None:
+            row["max_rss_mb"] = max(row["max_rss_mb"] or 0.0, rss)
+    return jobs
+
+
+def sacct_usage(job_ids: list[str]) -> dict[str, dict]:
+    """One sacct call for every job of the experiment (never one per task)."""
+    arrays = sorted({j.split("_")[0] for j in job_ids if j})
+    if not arrays:
+        return {}
+    out = _run(["sacct", "-n", "-P", "--format=JobID,State,TotalCPU,MaxRSS", "-j", ",".join(arrays)])
+    return parse_sacct(out)
