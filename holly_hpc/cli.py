@@ -201,7 +201,7 @@ def _report_table(found: dict) -> None:
             "-" if r["cpu_s"] is None else f"{r['cpu_s']:.0f}",
             r["threads"] or "-",
             pct(r["cpu_efficiency"], 1.0),
-            mb(max(r["max_rss_mb"] or 0.0, r.get("slurm_max_rss_mb") or 0.0) if r["max_rss_mb"] is not None else None),
+            mb(r["peak_mb"]),
             mb(r["mem_requested_mb"]),
             mb(r["gpu_max_memory_mb"]),
         ]

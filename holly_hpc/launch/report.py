@@ -39,11 +39,14 @@ def task_rows(experiment, runs, scheduler: dict[str, dict] | None = None) -> lis
             "threads": threads,
             "cpu_efficiency": cpu / (sum(walls) * threads) if attempts and sum(walls) > 0 and threads else None,
             "max_rss_mb": peak,
+            "peak_mb": peak,  # the larger of the task's own peak and the scheduler's
             "mem_requested_mb": mem_requested,
             "gpu_max_memory_mb": max(gpus) if gpus else None,
         }
         if scheduler is not None:
             job = scheduler.get(run.job_id or "", {})
+            if job.get("max_rss_mb") is not None and peak is not None:
+                row["peak_mb"] = max(peak, job["max_rss_mb"])  # sacct counts the job's other processes too
             row.update(
                 {
                     "slurm_state": job.get("state"),
@@ -66,7 +69,7 @@ def suggestion(experiment, rows: list[dict]) -> dict:
     if not measured:
         return {}
     longest = max(r["longest_attempt_s"] for r in measured)
-    peaks = [max(r["max_rss_mb"] or 0.0, r.get("slurm_max_rss_mb") or 0.0) for r in measured]
+    peaks = [r["peak_mb"] or 0.0 for r in measured]
     busy = [r["cpu_s"] / r["wall_s"] for r in measured if r["cpu_s"] and r["wall_s"]]
     out = {"time": max(1, math.ceil(longest * MARGIN / 60)), "mem": _mem_text(max(peaks) * MARGIN)}
     if busy:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..launch.progress import format_left  # torch-free, shared with submit --wait
 from .checkpoint import (
     list_checkpoints,
     newest_intact_checkpoint,
@@ -75,13 +76,6 @@ class TrainResult:
     completed: bool  # False when stopped early by stop_after_step
     step: int
     final_metrics: dict[str, float] | None
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
 
 
 class Trainer:
@@ -217,7 +211,7 @@ class Trainer:
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
                     self._print(
                         f"step {self.step}/{self.steps}  {shown}  {rate:.1f} steps/s  "
-                        f"eta {format_eta((self.steps - self.step) / max(rate, 1e-9))}"
+                        f"eta {format_left((self.steps - self.step) / max(rate, 1e-9))}"
                     )
                 stopping = stop_after_step is not None and stop_after_step <= self.step < self.steps
                 boundary = self.step % self.checkpoint_every == 0 or self.step == self.steps
